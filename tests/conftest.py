@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_dtype():
+    """Each test starts from a fixed seed and float32 default dtype."""
+    torch.manual_seed(0)
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
+def hf_model(args, seed: int = 0):
+    """transformers' LlamaForCausalLM for a herd config, with random weights (the oracle)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**args.to_hf("float32"))
+    model = LlamaForCausalLM(cfg).eval()
+    # transformers initialises norms to ones; randomise them so the parity test sees the weight multiply
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model

@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+
+from herd.config import CONFIGS, ConfigError, ModelArgs, get_config, load_params, num_params
+from herd.model import Transformer
+
+# Exact counts from llama31-facts.md §1 (computed there from the published shapes).
+PUBLISHED_COUNTS = {
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-3.1-70b": 70_553_706_496,
+    "llama-3.1-405b": 405_853_388_800,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824,
+}
+# SwiGLU hidden sizes as in the published HF config.json files (intermediate_size).
+HIDDEN = {"llama-3.1-8b": 14336, "llama-3.1-70b": 28672, "llama-3.1-405b": 53248, "llama-3.2-1b": 8192, "llama-3.2-3b": 8192}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_COUNTS))
+def test_parameter_count_on_meta_device(name):
+    args = get_config(name)
+    with torch.device("meta"):
+        model = Transformer(args)
+    counted = sum(p.numel() for p in model.parameters())  # tied weights are one Parameter, counted once
+    assert counted == PUBLISHED_COUNTS[name] == num_params(args)
+    assert args.ffn_hidden_dim == HIDDEN[name]
+
+
+def test_published_rope_and_tying():
+    assert get_config("llama-3.1-8b").rope_scale_factor == 8.0
+    assert get_config("llama-3.2-1b").rope_scale_factor == 32.0
+    assert get_config("llama-3.2-1b").tie_embeddings and not get_config("llama-3.1-70b").tie_embeddings
+    assert get_config("llama-3.2-1b").head_dim == 64
+
+
+def test_unknown_keys_are_errors():
+    with pytest.raises(ConfigError, match="bogus"):
+        ModelArgs.from_params({"dim": 64, "n_layers": 1, "n_heads": 4, "bogus": 1})
+    with pytest.raises(ConfigError, match="bogus"):
+        get_config("tiny").replace(bogus=3)
+    with pytest.raises(ConfigError, match="unknown model name"):
+        get_config("llama-3.1-8")  # no fuzzy matching
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"dim": 65, "n_heads": 4}, {"n_heads": 4, "n_kv_heads": 3}, {"dim": 0}, {"norm_eps": float("nan")},
+     {"vocab_size": -1}, {"n_layers": 1.5}, {"rope_theta": "big"}],
+)
+def test_invalid_values(bad):
+    with pytest.raises(ConfigError):
+        ModelArgs(**{"dim": 64, "n_layers": 1, "n_heads": 4, **bad})
+
+
+def test_meta_params_json_of_the_published_models(tmp_path):
+    # What Meta's params.json holds for 3.2-1B (llama31-facts.md §1): no rope factor, no tying flag.
+    params = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+              "ffn_dim_multiplier": 1.5, "multiple_of": 256, "norm_eps": 1e-05, "rope_theta": 500000.0,
+              "use_scaled_rope": True}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    args = load_params(tmp_path / "params.json")
+    assert args == get_config("llama-3.2-1b")
+    # to_params round trip
+    assert ModelArgs.from_params(args.to_params()) == args
+
+
+def test_hf_config_round_trip_and_oracle():
+    from transformers import LlamaConfig
+
+    for name, args in CONFIGS.items():
+        assert ModelArgs.from_hf(args.to_hf()) == args, name
+        hf = LlamaConfig(**args.to_hf())  # transformers accepts what herd writes
+        assert hf.intermediate_size == args.ffn_hidden_dim
+        assert hf.num_key_value_heads == args.n_kv_heads
+    # an 8B config.json as published (llama31-facts.md §6), read back as the named config
+    hf8 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+           "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+           "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+           "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+           "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "torch_dtype": "bfloat16",
+           "transformers_version": "4.43.0.dev0", "pretraining_tp": 1, "use_cache": True, "initializer_range": 0.02,
+           "attention_dropout": 0.0}
+    assert ModelArgs.from_hf(hf8) == get_config("llama-3.1-8b")
+
+
+def test_hf_config_odd_intermediate_size_and_rejections():
+    base = get_config("tiny").to_hf()
+    args = ModelArgs.from_hf({**base, "intermediate_size": 100})
+    assert args.ffn_hidden_dim == 100
+    for bad in ({"hidden_act": "gelu"}, {"attention_bias": True}, {"model_type": "mistral"}, {"sliding_window": 4096},
+                {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, {"head_dim": 32}):
+        with pytest.raises(ConfigError):
+            ModelArgs.from_hf({**base, **bad})
+    no_hidden = dict(base)
+    del no_hidden["hidden_size"]
+    with pytest.raises(ConfigError, match="hidden_size"):
+        ModelArgs.from_hf(no_hidden)
+
+
+def test_load_params_bad_files(tmp_path):
+    f = tmp_path / "params.json"
+    f.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_params(f)
+    f.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="object"):
+        load_params(f)
