@@ -1,0 +1,393 @@
+"""Checkpoint I/O: HF and Meta layouts, MP shards, transformers interop, and malformed or hostile files."""
+
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+from conftest import hf_model
+
+from herd import checkpoint as ck
+from herd.cli import main
+from herd.config import get_config
+from herd.model import Transformer
+
+
+def random_model(name="tiny", **changes):
+    args = get_config(name).replace(**changes) if changes else get_config(name)
+    model = Transformer(args)
+    model.init_weights()
+    with torch.no_grad():  # non-trivial norms so that a swapped norm would show
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_sd(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-tied"])
+def test_meta_hf_meta_round_trip_is_bit_exact(tmp_path, name):
+    model = random_model(name)
+    ck.save_meta(model, None, tmp_path / "meta")
+    ck.convert(tmp_path / "meta", tmp_path / "hf", to="hf")
+    ck.convert(tmp_path / "hf", tmp_path / "meta2", to="meta")
+    same_sd(state(ck.load_model(tmp_path / "meta2")), state(model))
+    a = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
+    b = torch.load(tmp_path / "meta2" / "consolidated.00.pth", weights_only=True)
+    same_sd(a, b)
+    assert json.loads((tmp_path / "meta2" / "params.json").read_text()) == model.args.to_params()
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-tied"])
+def test_hf_written_by_herd_loads_in_transformers(tmp_path, name):
+    from transformers import LlamaForCausalLM
+
+    model = random_model(name)
+    ck.save_hf(model, None, tmp_path / "hf")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 17))
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max() <= 1e-5
+    if model.args.tie_embeddings:
+        assert "lm_head.weight" not in json.dumps(_safetensors_keys(tmp_path / "hf" / "model.safetensors"))
+
+
+def _safetensors_keys(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+def test_transformers_sharded_checkpoint_loads_in_herd(tmp_path):
+    args = get_config("tiny")
+    hf = hf_model(args)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    model = ck.load_model(tmp_path / "hf").eval()
+    tokens = torch.randint(0, args.vocab_size, (1, 21))
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max() <= 1e-5
+
+
+def test_herd_sharded_hf_and_dtype(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = random_model()
+    ck.save_hf(model, None, tmp_path / "hf", max_shard_bytes=100_000, dtype=torch.bfloat16)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = ck.load_model(tmp_path / "hf")
+    assert loaded.tok_embeddings.weight.dtype == torch.bfloat16
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    tokens = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert (hf(tokens).logits.float() - loaded(tokens)).abs().max() < 0.05
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("mp", [2, 4])
+def test_model_parallel_shards_merge_to_the_same_model(tmp_path, mp):
+    model = random_model()  # n_kv_heads 2: mp 4 repeats each KV head on two ranks
+    ck.save_meta(model, None, tmp_path / "mp1")
+    ck.save_meta(model, None, tmp_path / f"mp{mp}", mp=mp)
+    shards = sorted((tmp_path / f"mp{mp}").glob("consolidated.*.pth"))
+    assert [s.name for s in shards] == [f"consolidated.{i:02d}.pth" for i in range(mp)]
+    rank0 = torch.load(shards[0], weights_only=True)
+    dim, hd, hidden = 64, 16, model.args.ffn_hidden_dim
+    assert rank0["layers.0.attention.wq.weight"].shape == (4 * hd // mp, dim)  # column parallel: rows split
+    assert rank0["layers.0.attention.wo.weight"].shape == (dim, 4 * hd // mp)  # row parallel: columns split
+    assert rank0["layers.0.feed_forward.w2.weight"].shape == (dim, hidden // mp)
+    assert rank0["tok_embeddings.weight"].shape == (512 // mp, dim)  # vocab parallel
+    assert rank0["layers.0.attention.wk.weight"].shape == (max(1, 2 // mp) * hd, dim)
+    tokens = torch.randint(0, 512, (2, 11))
+    merged = ck.load_model(tmp_path / f"mp{mp}")
+    if mp == 2:
+        same_sd(state(merged), state(ck.load_model(tmp_path / "mp1")))
+    else:
+        assert merged.args.n_kv_heads == 4
+    with torch.no_grad():
+        assert (merged(tokens) - model(tokens)).abs().max() <= 1e-5
+
+
+def test_hf_original_subfolder_is_found(tmp_path):
+    model = random_model()
+    ck.save_meta(model, None, tmp_path / "repo" / "original")
+    same_sd(state(ck.load_model(tmp_path / "repo")), state(model))
+
+
+def test_convert_via_cli_with_progress_and_info(tmp_path, capsys):
+    model = random_model()
+    ck.save_meta(model, None, tmp_path / "meta", mp=2)
+    assert main(["convert", str(tmp_path / "meta"), str(tmp_path / "hf"), "--to", "hf", "--dtype", "bf16"]) == 0
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m4"), "--to", "meta", "--mp", "2"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "m4"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "meta" and info["parameters"] == 164_160 and info["bytes"]["bf16"] == 2 * 164_160
+    assert main(["info", "llama-3.1-8b", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 8_030_261_248 and info["kv_cache_bytes_per_token_bf16"] == 128 * 1024
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["convert", "/nonexistent", "OUT", "--to", "hf"], "no such file"),
+        (["info", "/etc/hostname"], "expected a checkpoint folder"),
+        (["info", "llama-9b"], "no such file"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_cli_rejects_bad_flags(tmp_path, capsys):
+    for argv in (["convert", "a", "b", "--to", "gguf2"], ["convert", "a", "b", "--to", "meta", "--mp", "0"],
+                 ["convert", "a", "b", "--to", "meta", "--mp", "x"], ["convert", "a", "b", "--to", "hf", "--dtype", "int3"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+
+
+# ---- malformed and hostile files -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    ck.save_hf(random_model(), None, tmp_path / "hf", max_shard_bytes=200_000)
+    return tmp_path / "hf"
+
+
+def _edit_index(folder, fn):
+    path = folder / "model.safetensors.index.json"
+    data = json.loads(path.read_text())
+    fn(data["weight_map"])
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors", "..", ""])
+def test_index_cannot_escape_the_folder(hf_dir, shard):
+    _edit_index(hf_dir, lambda m: m.update({"model.norm.weight": shard}))
+    with pytest.raises(ck.CheckpointError, match="shard"):
+        ck.load_model(hf_dir)
+
+
+def test_index_symlink_escape(hf_dir, tmp_path):
+    target = tmp_path / "elsewhere.safetensors"
+    shutil.copy(next(hf_dir.glob("model-00001-*")), target)
+    os.symlink(target, hf_dir / "link.safetensors")
+    _edit_index(hf_dir, lambda m: m.update({"model.norm.weight": "link.safetensors"}))
+    with pytest.raises(ck.CheckpointError, match="escapes"):
+        ck.load_model(hf_dir)
+
+
+def test_index_missing_shard_and_wrong_assignment(hf_dir):
+    first = next(hf_dir.glob("model-00001-*"))
+    index = (hf_dir / "model.safetensors.index.json").read_text()
+    first.rename(hf_dir / "gone")
+    with pytest.raises(ck.CheckpointError, match="missing"):
+        ck.load_model(hf_dir)
+    (hf_dir / "gone").rename(first)
+    # a tensor the index places in another shard than the one holding it
+    data = json.loads(index)
+    k = next(k for k, v in data["weight_map"].items() if v == first.name)
+    data["weight_map"][k] = next(v for v in data["weight_map"].values() if v != first.name)
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(data))
+    with pytest.raises(ck.CheckpointError):
+        ck.load_model(hf_dir)
+
+
+def test_index_duplicate_keys_and_garbage(hf_dir):
+    path = hf_dir / "model.safetensors.index.json"
+    text = path.read_text()
+    path.write_text(text.replace('"weight_map": {', '"weight_map": {"model.norm.weight": "x.safetensors", ', 1))
+    with pytest.raises(ck.CheckpointError, match="duplicate"):
+        ck.load_model(hf_dir)
+    path.write_text("{\"weight_map\": [1, 2]}")
+    with pytest.raises(ck.CheckpointError, match="malformed"):
+        ck.load_model(hf_dir)
+
+
+def test_truncated_or_fake_safetensors(tmp_path):
+    ck.save_hf(random_model(), None, tmp_path / "hf")
+    f = tmp_path / "hf" / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ck.CheckpointError, match="model.safetensors"):
+        ck.load_model(tmp_path / "hf")
+    f.write_bytes((2**62).to_bytes(8, "little") + b"{}")  # header length far past the file
+    with pytest.raises(ck.CheckpointError, match="not a valid safetensors"):
+        ck.load_model(tmp_path / "hf")
+    torch.save({"a": torch.zeros(2)}, f)  # a .pth renamed .safetensors
+    with pytest.raises(ck.CheckpointError, match="not a valid safetensors"):
+        ck.load_model(tmp_path / "hf")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_payload_is_never_run(tmp_path):
+    model = random_model()
+    ck.save_meta(model, None, tmp_path / "meta")
+    marker = tmp_path / "pwned"
+    sd = state(model)
+    sd["evil"] = _Payload(marker)
+    torch.save(sd, tmp_path / "meta" / "consolidated.00.pth")
+    with pytest.raises(ck.CheckpointError, match="refused to unpickle"):
+        ck.load_model(tmp_path / "meta")
+    assert not marker.exists()
+    with open(tmp_path / "meta" / "consolidated.00.pth", "wb") as f:
+        pickle.dump(_Payload(marker), f)  # a bare pickle, not even a zip
+    with pytest.raises(ck.CheckpointError, match="zip"):
+        ck.load_model(tmp_path / "meta")
+    assert not marker.exists()
+
+
+def test_truncated_pth(tmp_path):
+    ck.save_meta(random_model(), None, tmp_path / "meta")
+    f = tmp_path / "meta" / "consolidated.00.pth"
+    f.write_bytes(f.read_bytes()[:-4000])
+    with pytest.raises(ck.CheckpointError, match="consolidated.00.pth"):
+        ck.load_model(tmp_path / "meta")
+
+
+def test_shape_and_key_mismatches_name_the_key(tmp_path):
+    model = random_model()
+    ck.save_meta(model, None, tmp_path / "meta")
+    params = tmp_path / "meta" / "params.json"
+    good = params.read_text()
+    params.write_text(json.dumps({**json.loads(good), "n_kv_heads": 4}))
+    with pytest.raises(ck.CheckpointError, match=r"layers\.0\.attention\.wk\.weight has shape"):
+        ck.load_model(tmp_path / "meta")
+    params.write_text(json.dumps({**json.loads(good), "vocab_size": 1000}))
+    with pytest.raises(ck.CheckpointError, match="tok_embeddings.weight has shape"):
+        ck.load_model(tmp_path / "meta")
+    params.write_text(good)
+    sd = state(model)
+    del sd["layers.1.ffn_norm.weight"]
+    torch.save(sd, tmp_path / "meta" / "consolidated.00.pth")
+    with pytest.raises(ck.CheckpointError, match="missing tensor 'layers.1.ffn_norm.weight'"):
+        ck.load_model(tmp_path / "meta")
+    sd = {**state(model), "layers.9.attention.wq.weight": torch.zeros(64, 64)}
+    torch.save(sd, tmp_path / "meta" / "consolidated.00.pth")
+    with pytest.raises(ck.CheckpointError, match="unexpected tensor 'layers.9.attention.wq.weight'"):
+        ck.load_model(tmp_path / "meta")
+    sd = {**state(model), "tok_embeddings.weight": torch.zeros(512, 64, dtype=torch.int32)}
+    torch.save(sd, tmp_path / "meta" / "consolidated.00.pth")
+    with pytest.raises(ck.CheckpointError, match="floating point"):
+        ck.load_model(tmp_path / "meta")
+
+
+def test_unknown_hf_tensor_and_untied_head_in_tied_config(tmp_path):
+    from safetensors.torch import save_file
+
+    model = random_model("tiny-tied")
+    ck.save_hf(model, None, tmp_path / "hf")
+    f = tmp_path / "hf" / "model.safetensors"
+    from safetensors.torch import load_file
+
+    sd = load_file(f)
+    save_file({**sd, "lm_head.weight": torch.randn(512, 64)}, f)
+    with pytest.raises(ck.CheckpointError, match="differs from tok_embeddings"):
+        ck.load_model(tmp_path / "hf")
+    save_file({**sd, "model.layers.0.self_attn.q_norm.weight": torch.ones(16)}, f)
+    with pytest.raises(ck.CheckpointError, match="unexpected tensor"):
+        ck.load_model(tmp_path / "hf")
+
+
+def test_mp_shards_must_agree(tmp_path):
+    ck.save_meta(random_model(), None, tmp_path / "meta", mp=2)
+    f = tmp_path / "meta" / "consolidated.01.pth"
+    sd = torch.load(f, weights_only=True)
+    sd["norm.weight"] = sd["norm.weight"] + 1
+    torch.save(sd, f)
+    with pytest.raises(ck.CheckpointError, match="replicated tensor 'norm.weight' differs"):
+        ck.load_model(tmp_path / "meta")
+    del sd["norm.weight"]
+    torch.save(sd, f)
+    with pytest.raises(ck.CheckpointError, match="differs from consolidated.00.pth"):
+        ck.load_model(tmp_path / "meta")
+    f.rename(tmp_path / "meta" / "consolidated.03.pth")
+    with pytest.raises(ck.CheckpointError, match="consolidated.03.pth"):
+        ck.load_model(tmp_path / "meta")
+
+
+def test_checklist_md5(tmp_path):
+    import hashlib
+
+    ck.save_meta(random_model(), None, tmp_path / "meta")
+    f = tmp_path / "meta" / "consolidated.00.pth"
+    digest = hashlib.md5(f.read_bytes()).hexdigest()
+    chk = tmp_path / "meta" / "checklist.chk"
+    chk.write_text(f"{digest}  consolidated.00.pth\n{'0' * 32}  tokenizer.model\n")
+    assert ck.verify_checklist(tmp_path / "meta") == 1
+    chk.write_text(f"{'0' * 32}  consolidated.00.pth\n")
+    with pytest.raises(ck.CheckpointError, match="md5"):
+        ck.convert(tmp_path / "meta", tmp_path / "out", to="hf")
+    assert not (tmp_path / "out").exists()
+    ck.convert(tmp_path / "meta", tmp_path / "out", to="hf", verify=False)
+    chk.write_text(f"{digest}  ../meta/consolidated.00.pth\n")
+    with pytest.raises(ck.CheckpointError, match="invalid shard"):
+        ck.verify_checklist(tmp_path / "meta")
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    model = random_model()
+    calls = []
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_meta(model, None, tmp_path / "meta", mp=2)
+    assert not (tmp_path / "meta").exists()
+    assert not list(tmp_path.iterdir())  # the partial folder was removed too
+    monkeypatch.setattr(torch, "save", real_save)
+    ck.save_meta(model, None, tmp_path / "meta")
+    with pytest.raises(ck.CheckpointError, match="already exists"):
+        ck.save_meta(model, None, tmp_path / "meta")
+    ck.save_meta(model, None, tmp_path / "meta", overwrite=True, mp=2)
+    assert len(list((tmp_path / "meta").glob("*.pth"))) == 2
+
+
+def test_detect_format_errors(tmp_path):
+    with pytest.raises(ck.CheckpointError, match="neither"):
+        ck.detect_format(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ck.CheckpointError, match="expected a checkpoint folder"):
+        ck.detect_format(tmp_path / "weights.bin")
+
+
+def test_loading_is_lazy_memory_mapped(tmp_path):
+    """Loaded weights are views of the files (no copy) when the dtype is kept."""
+    model = random_model()
+    ck.save_hf(model, None, tmp_path / "hf")
+    ck.save_meta(model, None, tmp_path / "meta")
+    for d in ("hf", "meta"):
+        loaded = ck.load_model(tmp_path / d)
+        # torch and safetensors expose mmap-backed storages as non-resizable views of the file mapping
+        assert not loaded.layers[0].feed_forward.w1.weight.untyped_storage().resizable(), d
