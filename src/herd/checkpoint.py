@@ -447,6 +447,12 @@ def shard_meta(sd: dict[str, torch.Tensor], args: ModelArgs, mp: int) -> tuple[M
     return args, ranks
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """torch.save writes a view's whole storage: copy views (MP chunks), keep whole (e.g. memory-mapped) tensors."""
+    whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
+    return t if whole else t.clone()
+
+
 def save_meta(
     sd: dict[str, torch.Tensor] | Transformer,
     args: ModelArgs | None,
@@ -465,8 +471,7 @@ def save_meta(
     with _AtomicDir(out, overwrite) as tmp:
         _write_json(tmp / "params.json", out_args.to_params())
         for r, rank_sd in enumerate(tqdm(ranks, desc="write meta", unit="shard", disable=not progress)):
-            # clone: torch.save writes a view's whole storage, and tied weights must become two tensors
-            torch.save({k: _cast(v, dtype).clone() for k, v in rank_sd.items()}, tmp / f"consolidated.{r:02d}.pth")
+            torch.save({k: _own_storage(_cast(v, dtype)) for k, v in rank_sd.items()}, tmp / f"consolidated.{r:02d}.pth")
     return Path(out)
 
 
