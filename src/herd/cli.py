@@ -51,22 +51,33 @@ def _info(args) -> int:
 
 
 def add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert a checkpoint between the HF and Meta layouts")
+    p = sub.add_parser("convert", help="convert a checkpoint to the HF or Meta layout, or to a GGUF file")
     p.add_argument("src", help="source checkpoint (HF folder, Meta folder or .gguf file)")
-    p.add_argument("dst", help="destination folder (must not exist, or be empty)")
-    p.add_argument("--to", required=True, choices=["hf", "meta"], help="target layout")
+    p.add_argument("dst", help="destination folder (must not exist, or be empty), or OUT.gguf")
+    p.add_argument("--to", required=True, choices=["hf", "meta", "gguf"], help="target layout")
     p.add_argument("--mp", type=_positive_int, default=1, help="model-parallel shards for --to meta (default 1)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast weights (default: keep)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "f32", "f16", "q8_0", "q4_0"],
+                   help="hf/meta: bf16|fp16|fp32 (default: keep); gguf: f32|f16|bf16|q8_0|q4_0 (default f16)")
+    p.add_argument("--tokenizer", help="--to gguf: tokenizer file or folder (default: the source folder's, "
+                                       "else the Llama 3 vocabulary)")
     p.add_argument("--no-verify", action="store_true", help="skip the md5 check of Meta's checklist.chk")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     p.set_defaults(func=_convert)
 
 
 def _convert(args) -> int:
-    from .checkpoint import convert
+    if args.to == "gguf":
+        from .gguf import export_gguf
 
-    out = convert(args.src, args.dst, to=args.to, mp=args.mp, dtype=args.dtype, verify=not args.no_verify,
-                  overwrite=args.overwrite, progress=True)
+        dtype = {"fp32": "f32", "fp16": "f16"}.get(args.dtype, args.dtype or "f16")
+        out = export_gguf(args.src, args.dst, dtype=dtype, tokenizer_path=args.tokenizer, progress=True)
+    else:
+        from .checkpoint import convert
+
+        if args.dtype in ("q8_0", "q4_0", "f32", "f16"):
+            raise CLIError(f"--dtype {args.dtype} applies to --to gguf; use bf16, fp16 or fp32 (or `herd quantize`)")
+        out = convert(args.src, args.dst, to=args.to, mp=args.mp, dtype=args.dtype, verify=not args.no_verify,
+                      overwrite=args.overwrite, progress=True)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -103,6 +114,197 @@ def _demo(args) -> int:
     print(f"example checkpoints in {out}: meta-mp2/ (2 shards) -> hf/ -> meta-mp1/")
     print(f"parameters {info['parameters']:,}; max |logit difference| after each conversion: {max(diffs):.1e}")
     return _info(argparse.Namespace(model=str(out / "hf"), json=False))
+
+
+_TOKENIZER_HELP = "tokenizer file or folder (default: the Llama 3 vocabulary of the llama-models package)"
+
+
+def add_tokenize(sub) -> None:
+    p = sub.add_parser("tokenize", help="print the token ids of TEXT as a JSON list (special-token text stays text)")
+    p.add_argument("text", help='text to encode; "-" reads stdin')
+    p.add_argument("--model", help=_TOKENIZER_HELP)
+    p.add_argument("--bos", action="store_true", help="prepend <|begin_of_text|>")
+    p.set_defaults(func=_tokenize)
+
+
+def _tokenize(args) -> int:
+    from .tokenizer import load_tokenizer
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    _print_json(load_tokenizer(args.model).encode(text, bos=args.bos))
+    return 0
+
+
+def add_detokenize(sub) -> None:
+    p = sub.add_parser("detokenize", help="print the text of token ids")
+    p.add_argument("ids", nargs="+", help="token ids: integers, or one JSON list as printed by tokenize")
+    p.add_argument("--model", help=_TOKENIZER_HELP)
+    p.set_defaults(func=_detokenize)
+
+
+def _detokenize(args) -> int:
+    import re
+
+    from .tokenizer import load_tokenizer
+
+    text = " ".join(args.ids).strip()
+    if text.startswith("["):
+        try:
+            ids = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"ids are not a valid JSON list: {e}") from None
+        bad = [i for i in ids if type(i) is not int] if isinstance(ids, list) else [ids]
+    else:
+        ids = re.split(r"[\s,]+", text)
+        bad = [i for i in ids if not re.fullmatch(r"-?[0-9]+", i)]
+    if bad:
+        raise CLIError(f"not a token id: {bad[0]!r}")
+    print(load_tokenizer(args.model).decode([int(i) for i in ids]))
+    return 0
+
+
+def add_chat_template(sub) -> None:
+    p = sub.add_parser("chat-template", help='render a dialog in the Llama 3.1 chat format as JSON {"text", "ids"}')
+    p.add_argument("--messages", required=True, help='JSON file: a list of messages, or {"messages", "tools"}')
+    p.add_argument("--tools", help="JSON file: a list of tools (built-in names or OpenAI-style function definitions)")
+    p.add_argument("--model", help=_TOKENIZER_HELP)
+    p.add_argument("--date", help='the "Today Date" when tools are given, e.g. "21 September 2024" (default: today)')
+    p.add_argument("--tool-format", choices=["json", "function_tag"], default="json", help="custom tool call format")
+    p.add_argument("--no-generation-prompt", action="store_true", help="do not end with an open assistant header")
+    p.set_defaults(func=_chat_template)
+
+
+def _chat_template(args) -> int:
+    from .chat_format import ChatFormat
+    from .tokenizer import load_tokenizer
+
+    messages, tools = _read_json(args.messages, "messages"), None
+    if isinstance(messages, dict) and "messages" in messages:
+        messages, tools = messages["messages"], messages.get("tools")
+    if args.tools:
+        tools = _read_json(args.tools, "tools")
+    tok = load_tokenizer(args.model)
+    ids = ChatFormat(tok, tool_format=args.tool_format).encode_dialog_prompt(
+        messages, tools, add_generation_prompt=not args.no_generation_prompt, today=args.date
+    )
+    _print_json({"text": tok.decode(ids), "ids": ids})
+    return 0
+
+
+def add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a model on text files from a YAML run config (also under torchrun)")
+    p.add_argument("--config", required=True, help="YAML run settings, e.g. configs/pretrain-tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override settings, e.g. optim.lr=1e-3 train.steps=200")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
+    p.set_defaults(func=_pretrain)
+
+
+def _pretrain(args) -> int:
+    import yaml
+
+    from .train import TrainingDiverged, load_settings, train
+
+    settings = load_settings(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(settings.to_dict(), sort_keys=False), end="")
+        return 0
+    try:
+        result = train(settings)
+    except TrainingDiverged as e:
+        print(f"herd pretrain: stopped: {e}", file=sys.stderr)
+        return 3
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line
+        held_out = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        print(f"done: step {result.step} in {result.run_dir}{held_out}", file=sys.stderr)
+    return 0
+
+
+def add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="write a PNG of a training run's loss curves")
+    p.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
+    p.set_defaults(func=_plot)
+
+
+def _plot(args) -> int:
+    from .metrics import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def add_generate(sub) -> None:
+    from .chat_cli import model_flags
+
+    p = sub.add_parser("generate", help="continue a prompt (or answer it as a chat turn with --chat), streaming")
+    p.add_argument("--prompt", required=True, help='prompt text; "-" reads stdin')
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat format")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--ids", action="store_true", help="print the generated token ids as a JSON list instead of text")
+    p.add_argument("--stats", action="store_true", help="finish with one JSON line: prompt_tokens, generated_tokens, "
+                                                        "prefill_tok_s, decode_tok_s")
+    model_flags(p)
+    p.set_defaults(func=_generate)
+
+
+def _generate(args) -> int:
+    from .chat_cli import run_generate
+
+    return run_generate(args)
+
+
+def add_chat(sub) -> None:
+    from .chat_cli import model_flags
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal (/system, /reset, /quit; Ctrl-C stops a reply)")
+    p.add_argument("--system", help="initial system message")
+    model_flags(p)
+    p.set_defaults(func=_chat)
+
+
+def _chat(args) -> int:
+    from .chat_cli import run_chat
+
+    return run_chat(args)
+
+
+def add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="write a weight-only int8/int4 copy of a checkpoint (loads with --model)")
+    p.add_argument("model", help="source checkpoint (HF or Meta folder, or .gguf file)")
+    p.add_argument("out", help="destination folder (must not exist, or be empty)")
+    p.add_argument("--dtype", required=True, choices=["int8", "int4"], help="int8 per channel or int4 in groups")
+    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256], help="int4 group (default 128)")
+    p.add_argument("--eval-tokens", type=int, default=512,
+                   help="tokens for the perplexity check before/after (default 512; 0 skips it)")
+    p.add_argument("--eval-file", help="text file for the perplexity check (default: Python's textwrap.py source)")
+    p.set_defaults(func=_quantize)
+
+
+def _quantize(args) -> int:
+    from .quantize import quantize_checkpoint
+
+    if args.eval_tokens < 0:
+        raise CLIError(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
+    text = None
+    if args.eval_file:
+        with open(args.eval_file, encoding="utf-8") as f:
+            text = f.read()
+    report = quantize_checkpoint(args.model, args.out, args.dtype, args.group_size, eval_text=text,
+                                 eval_tokens=args.eval_tokens)
+    if report["ppl_bf16"] is not None:
+        print(f"perplexity on {report['eval_tokens']} tokens: bf16 {report['ppl_bf16']:.3f} -> {args.dtype} "
+              f"{report['ppl_quantized']:.3f} ({report['ppl_change_pct']:+.2f}%)", file=sys.stderr)
+    print(f"wrote {args.out}", file=sys.stderr)
+    _print_json(report)
+    return 0
+
+
+def _read_json(path: str, what: str):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CLIError(f"{what} file {path}: invalid JSON: {e}") from None
 
 
 def _size(n: float) -> str:
