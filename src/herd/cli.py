@@ -82,6 +82,38 @@ def _convert(args) -> int:
     return 0
 
 
+def add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="memory, FLOPs and time to serve or train a model on given hardware")
+    p.add_argument("--model", required=True, help="config name, e.g. llama-3.1-405b")
+    p.add_argument("--seq-len", type=_positive_int, help="context length (default: the model's, 131072)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="sequences in the KV cache (default 1)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8", "int8", "int4"], help="weight dtype")
+    p.add_argument("--hardware", default="h100", choices=["h100", "h200", "a100"], help="GPU for peak numbers")
+    p.add_argument("--train", action="store_true", help="also size pretraining")
+    p.add_argument("--gpus", type=_positive_int, default=1, help="GPUs (training: FSDP x TP x PP)")
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=_positive_int, default=1, help="pipeline-parallel size")
+    p.add_argument("--micro-batch", type=_positive_int, default=1, help="training sequences per GPU per step")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for time estimates (default 0.4)")
+    p.add_argument("--tokens", type=float, help="training tokens (for a time estimate)")
+    p.add_argument("--flops", type=float, help="total training FLOPs (instead of --tokens)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_plan)
+
+
+def _plan(args) -> int:
+    from .plan import format_plan, plan, plan_dict
+
+    result = plan(args.model, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype, gpus=args.gpus, tp=args.tp,
+                  pp=args.pp, hardware=args.hardware, mfu=args.mfu, train=args.train, tokens=args.tokens,
+                  total_flops=args.flops, micro_batch=args.micro_batch)
+    if args.json:
+        _print_json(plan_dict(result))
+    else:
+        print(format_plan(result))
+    return 0
+
+
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="build a small random Llama 3.1 checkpoint, convert it both ways, print its info")
     p.add_argument("--out", default="out/demo", help="folder for the example checkpoints (default out/demo)")
