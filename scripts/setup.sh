@@ -34,3 +34,7 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
 fi
 
 pip install -e ".[test]"
+
+# `lm_eval --model herd`: a .pth hook that registers herd's model type when lm-eval is imported.
+site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "import herd_lm_eval_hook" > "$site/herd-lm-eval.pth"

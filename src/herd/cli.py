@@ -114,6 +114,56 @@ def _plan(args) -> int:
     return 0
 
 
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: perplexity of a text file, or lm-eval-harness tasks")
+    ev = p.add_subparsers(dest="eval_command", metavar="{perplexity,tasks}", required=True)
+    ppl = ev.add_parser("perplexity", help="sliding-window perplexity and bits per byte of a text file")
+    ppl.add_argument("--model", required=True, help="checkpoint (HF/Meta folder, .gguf, or herd quantize output)")
+    ppl.add_argument("--file", required=True, help="UTF-8 text file")
+    ppl.add_argument("--window", type=_positive_int, help="tokens per window (default min(context, 2048))")
+    ppl.add_argument("--stride", type=_positive_int, help="tokens between window starts (default window/2)")
+    ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ppl.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ppl.add_argument("--json", action="store_true", help="machine-readable output")
+    ppl.set_defaults(func=_eval_perplexity)
+    tasks = ev.add_parser("tasks", help="lm-eval-harness with the herd model type, e.g. "
+                                        "herd eval tasks --model_args model=PATH --tasks hellaswag", add_help=False)
+    tasks.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments passed to lm_eval")
+    tasks.set_defaults(func=_eval_tasks)
+
+
+def _eval_perplexity(args) -> int:
+    from pathlib import Path
+
+    from .api import load
+    from .evaluate import text_perplexity
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise CLIError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    llm = load(args.model, dtype=args.dtype, device=args.device)
+    r = text_perplexity(llm, text, window=args.window, stride=args.stride, progress=not args.json)
+    if args.json:
+        _print_json(r.to_dict())
+    else:
+        print(f"perplexity {r.perplexity:.4f}   bits/byte {r.bits_per_byte:.4f}   "
+              f"({r.tokens:,} tokens, {r.bytes:,} bytes, window {r.window}, stride {r.stride})")
+    return 0
+
+
+def _eval_tasks(args) -> int:
+    from .evaluate import run_lm_eval
+
+    rest = list(args.lm_eval_args)
+    if "--model" not in rest:
+        rest = ["--model", "herd", *rest]
+    return run_lm_eval(rest)
+
+
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="build a small random Llama 3.1 checkpoint, convert it both ways, print its info")
     p.add_argument("--out", default="out/demo", help="folder for the example checkpoints (default out/demo)")
