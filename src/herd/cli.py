@@ -164,6 +164,26 @@ def _eval_tasks(args) -> int:
     return run_lm_eval(rest)
 
 
+def add_merge_lora(sub) -> None:
+    p = sub.add_parser("merge-lora", help="fold a PEFT LoRA adapter into its base model and write the result")
+    p.add_argument("base", help="base checkpoint (HF folder, Meta folder or .gguf)")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out", help="output folder (must not exist, or be empty)")
+    p.add_argument("--to", choices=["hf", "meta"], default="hf", help="output layout (default hf)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the base's)")
+    p.set_defaults(func=_merge_lora)
+
+
+def _merge_lora(args) -> int:
+    from .checkpoint import DTYPES
+    from .lora import merge_adapter
+
+    out = merge_adapter(args.base, args.adapter, args.out, to=args.to,
+                        dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="build a small random Llama 3.1 checkpoint, convert it both ways, print its info")
     p.add_argument("--out", default="out/demo", help="folder for the example checkpoints (default out/demo)")
