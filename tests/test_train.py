@@ -107,6 +107,28 @@ def test_tiny_run_end_to_end(tmp_path):
     assert (res.run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_held_out_files_as_the_validation_set(tmp_path):
+    import numpy as np
+    import torch.nn.functional as F
+    from pretrain_utils import make_corpus
+
+    from herd.data import PackedDataset, byte_tokenizer
+
+    held_out = make_corpus(tmp_path / "held_out", n_files=1, seed=7)
+    s = tiny_settings(tmp_path, f"data.val_paths=[{held_out}]", "train.steps=3", "eval.sequences=4")
+    res = train(s)
+    # the eval loss is the trained model's loss on the held-out file's first 4 windows
+    ids = np.array(byte_tokenizer().encode((held_out / "doc0.txt").read_text(), bos=True, eos=True))
+    ds = PackedDataset(ids, 64, "train", 0.0)
+    model = Transformer(train_mod.model_args(s))
+    load_checkpoint(res.checkpoint, model)
+    x = torch.from_numpy(np.stack([ds[j][0] for j in range(4)]))
+    y = torch.from_numpy(np.stack([ds[j][1] for j in range(4)]))
+    with torch.no_grad():
+        want = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    assert res.val_loss == pytest.approx(want, rel=1e-4)
+
+
 def test_stop_and_resume_gives_bit_identical_losses(tmp_path, monkeypatch):
     """bf16 autocast, grad accumulation, warmup + cosine: a run killed after step 5 and resumed from its step-3
     checkpoint repeats steps 4-5 and continues with exactly the losses of an uninterrupted run."""

@@ -64,6 +64,7 @@ class DataSettings:
     tokenizer: str | None = None  # null: the Llama 3 vocabulary; "bytes": 512 byte-level ids; or a file/folder
     seq_len: int = 512  # tokens per training sequence
     val_fraction: float = 0.01  # share of sequences held out for eval (spread evenly through the data)
+    val_paths: list[str] = field(default_factory=list)  # held-out files/folders instead (then val_fraction is unused)
     patterns: list[str] = field(default_factory=lambda: list(data_mod.DEFAULT_PATTERNS))
     bos: bool = True  # wrap every document as <|begin_of_text|> ... <|end_of_text|>
     eos: bool = True
@@ -385,17 +386,27 @@ def _prepare_data(s: RunSettings, env, dp_rank: int, dp: int, say) -> tuple[Load
     cache = s.data.cache_dir or os.path.join(os.environ.get("HERD_CACHE", "~/.cache/herd"), "data")
     kw = dict(patterns=s.data.patterns, bos=s.data.bos, eos=s.data.eos, encoding_errors=s.data.encoding_errors,
               workers=s.data.workers)
-    if env.local_rank == 0:  # one tokenizer pass per machine; the other ranks then find the cache
-        tc = data_mod.tokenize_corpus(s.data.paths, tok, cache, progress=s.log.progress and env.is_main, **kw)
-    if env.world > 1:
-        dist.barrier()
-    if env.local_rank != 0:
-        tc = data_mod.tokenize_corpus(s.data.paths, tok, cache, progress=False, **kw)
+
+    def corpus(paths):
+        if env.local_rank == 0:  # one tokenizer pass per machine; the other ranks then find the cache
+            out = data_mod.tokenize_corpus(paths, tok, cache, progress=s.log.progress and env.is_main, **kw)
+        if env.world > 1:
+            dist.barrier()
+        if env.local_rank != 0:
+            out = data_mod.tokenize_corpus(paths, tok, cache, progress=False, **kw)
+        return out
+
+    tc = corpus(s.data.paths)
     how = "cached" if tc.reused else "tokenized"
     say(f"data: {len(tc.tokens):,} tokens in {tc.n_docs:,} documents ({how}: {tc.folder})")
-    train_ds = PackedDataset(tc.tokens, s.data.seq_len, "train", s.data.val_fraction)
-    val_ds = PackedDataset(tc.tokens, s.data.seq_len, "val", s.data.val_fraction)
-    if s.data.val_fraction and s.eval.sequences and len(val_ds) < dp:
+    if s.data.val_paths:  # whole held-out documents (e.g. plays never seen in training)
+        vc = corpus(s.data.val_paths)
+        train_ds = PackedDataset(tc.tokens, s.data.seq_len, "train", 0.0)
+        val_ds = PackedDataset(vc.tokens, s.data.seq_len, "train", 0.0)
+    else:
+        train_ds = PackedDataset(tc.tokens, s.data.seq_len, "train", s.data.val_fraction)
+        val_ds = PackedDataset(tc.tokens, s.data.seq_len, "val", s.data.val_fraction)
+    if (s.data.val_fraction or s.data.val_paths) and s.eval.sequences and len(val_ds) < dp:
         raise DataError(f"the held-out split has {len(val_ds)} sequences, fewer than the {dp} data-parallel ranks: "
                         "raise data.val_fraction or add data")
     loader = Loader(train_ds, s.train.micro_batch, rank=dp_rank, world=dp, seed=s.seed)
@@ -437,7 +448,7 @@ def evaluate(model, val_ds, s: RunSettings, device, dp_rank: int, dp: int, group
     """Mean loss over the first eval.sequences held-out sequences: the same set whatever the number of ranks."""
     n = min(s.eval.sequences, len(val_ds))
     n -= n % dp  # every rank runs the same number of forwards (FSDP's collectives need it)
-    if not s.data.val_fraction or n == 0:
+    if not (s.data.val_fraction or s.data.val_paths) or n == 0:
         return None
     mine = list(range(dp_rank, n, dp))
     tot = torch.zeros(2, dtype=torch.float64, device=device)
