@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, check_state_dict
 from .config import ConfigError, ModelArgs, _ffn_fields
+from .chat_format import LLAMA31_CHAT_TEMPLATE
 from .model import rope_frequencies
 
 
@@ -73,39 +74,6 @@ def _translate(key: str, mapping: dict[str, str], prefix: str) -> str:
     elif key in mapping:
         return mapping[key]
     raise GGUFError(f"unexpected tensor {key!r}")
-
-
-# Jinja rendering of herd's Llama 3.1 chat format (chat_format.ChatFormat) for llama.cpp and Ollama. Without tools
-# the messages are rendered as given; with tools the system prompt gets the Environment/Tools/date lines and custom
-# functions are described in a user turn before the first question (JSON format). Tests render it and compare with
-# ChatFormat's ids.
-LLAMA31_CHAT_TEMPLATE = r"""{{- bos_token }}
-{%- set tools = tools if tools is defined and tools else none %}
-{%- set sys = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none %}
-{%- set rest = messages[1:] if sys is not none else messages %}
-{%- if tools is not none %}
-{%- set d = date_string if date_string is defined else strftime_now('%d %B %Y') %}
-{{- '<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n\nCutting Knowledge Date: December 2023\nToday Date: ' + d }}
-{%- if sys is not none %}{{- '\n\n' + sys }}{%- endif %}
-{{- '<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n' }}
-{{- "Answer the user's question by making use of the following functions if needed.\nIf none of the function can be used, please say so.\nHere is a list of functions in JSON format:" }}
-{%- for t in tools %}{{- '\n' + t | tojson(indent=4) }}{%- endfor %}
-{{- '\n\nReturn function calls in JSON format.<|eot_id|>' }}
-{%- elif sys is not none %}
-{{- '<|start_header_id|>system<|end_header_id|>\n\n' + sys + '<|eot_id|>' }}
-{%- endif %}
-{%- for m in rest %}
-{%- set role = 'ipython' if m['role'] in ('tool', 'ipython') else m['role'] %}
-{{- '<|start_header_id|>' + role + '<|end_header_id|>\n\n' }}
-{%- if m.get('tool_calls') %}
-{%- set f = m['tool_calls'][0]['function'] %}
-{%- set a = f['arguments'] if f['arguments'] is string else f['arguments'] | tojson %}
-{{- '<|python_tag|>' + (m['content'] or '') + '{"type": "function", "name": "' + f['name'] + '", "parameters": ' + a + '}<|eom_id|>' }}
-{%- else %}
-{{- m['content'] + '<|eot_id|>' }}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"""
 
 
 # ---- Q8_0 / Q4_0 blocks in torch ------------------------------------------------------------------------------
