@@ -33,6 +33,13 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
   pip install --find-links "$wheels" "llama-cpp-python==$LLAMA_CPP_VERSION"
 fi
 
+# Chromium from Debian for the playground test (tests/test_playground.py drives it with Playwright; no browser
+# download), once per machine.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+
 pip install -e ".[test]"
 
 # `lm_eval --model herd`: a .pth hook that registers herd's model type when lm-eval is imported.

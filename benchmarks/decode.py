@@ -1,0 +1,265 @@
+"""Decode and prefill speed of herd vs transformers on the same random weights, against the memory roofline.
+
+Batch-1 decode reads every weight once per token, so its ceiling is (read bandwidth) / (bytes read per token).
+This script measures the bandwidth first, then tok/s and the fraction of that roofline for: herd bf16 (eager, with
+and without herd's CPU kernels), transformers bf16, herd int8 and int4, herd under torch.compile, and the prefill
+of a long prompt. Timings are the best of --repeats runs (other work on the machine only slows runs down).
+
+    .venv/bin/python benchmarks/decode.py                      # the issue's setting: Llama-3.2-1B shape, 2 threads
+    .venv/bin/python benchmarks/decode.py --smoke              # seconds: 2-layer 256-dim model, short prompts
+    .venv/bin/python benchmarks/decode.py --layers 4 --compile # fewer layers (the head stays full size), + compile
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# benchmarks/tokenize.py would shadow the standard library's tokenize (imported by torch) when this folder is
+# sys.path[0]; put the package source there instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1] / "src")
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import time
+
+import torch
+
+from herd.checkpoint import meta_to_hf  # noqa: E402
+from herd.config import get_config, kv_cache_bytes_per_token  # noqa: E402
+from herd.generate import Engine, SamplingParams  # noqa: E402
+from herd.model import Transformer  # noqa: E402
+from herd.quantize import (  # noqa: E402
+    cpu_kernels, quantize_model, restore_linears, use_cpu_kernels, weight_bytes_per_token,
+)
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def read_bandwidth(mib: int, repeats: int) -> dict:
+    """Best read bandwidth (GB/s) over a buffer much larger than the caches: torch's sum, and herd's 4-stream probe."""
+    buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    out = {}
+    probes = {"torch_sum": lambda: buf.sum()}
+    if cpu_kernels():
+        probes["herd_read"] = lambda: torch.ops.herd.read_sum(buf)
+    for name, fn in probes.items():
+        fn()
+        best = min(_timed(fn) for _ in range(repeats))
+        out[name] = buf.numel() * 4 / best / 1e9
+    del buf
+    return out
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def herd_decode(model, prompt: list[int], new: int, repeats: int, engine: Engine | None = None) -> dict:
+    """Best decode tok/s (tokens after the first / decode time) and prefill tok/s of greedy generation."""
+    engine = engine or Engine(model)
+    best = None
+    for _ in range(repeats):
+        for _ in engine.generate([prompt], GREEDY, max_new_tokens=new):
+            pass
+        s = engine.last_stats
+        if best is None or s["decode_tok_s"] > best["decode_tok_s"]:
+            best = s
+    return best
+
+
+def compiled_decode(model, prompt: list[int], new: int, repeats: int) -> tuple[dict, float]:
+    """Decode through torch.compile; -> (best stats, seconds the first call took to compile)."""
+    engine = Engine(model, compile=True)
+    t0 = time.perf_counter()
+    for _ in engine.generate([prompt], GREEDY, max_new_tokens=3):
+        pass
+    compile_s = time.perf_counter() - t0
+    return herd_decode(model, prompt, new, repeats, engine=engine), compile_s
+
+
+def herd_prefill(model, prompt: list[int], repeats: int) -> float:
+    """Best prefill tok/s (time to the first token) of a long prompt."""
+    engine = Engine(model)
+    best = 0.0
+    for _ in range(repeats):
+        for _ in engine.generate([prompt], GREEDY, max_new_tokens=1):
+            pass
+        best = max(best, engine.last_stats["prefill_tok_s"])
+    model.clear_caches()
+    return best
+
+
+def hf_model_from(model: Transformer):
+    """transformers' LlamaForCausalLM holding the same bf16 weights (q/k rows permuted to HF's RoPE layout)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    args = model.args
+    cfg = LlamaConfig(**args.to_hf("bfloat16"))
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(cfg)
+    hf.load_state_dict(meta_to_hf(model.state_dict(), args), strict=False, assign=True)
+    if args.tie_embeddings:
+        hf.tie_weights()
+    hf.model.rotary_emb = LlamaRotaryEmbedding(config=hf.config)  # its buffers are not in the state dict
+    return hf.eval()
+
+
+@torch.inference_mode()
+def hf_decode(hf, prompt: list[int], new: int, repeats: int) -> dict:
+    """transformers generate (greedy, default cache): decode tok/s = (new - 1) / (t(new) - t(1))."""
+    ids = torch.tensor([prompt])
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def run(n):
+        return _timed(lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw))
+
+    run(2)
+    t1 = min(run(1) for _ in range(repeats))
+    tn = min(run(new) for _ in range(repeats))
+    return {"decode_tok_s": (new - 1) / (tn - t1), "prefill_tok_s": len(prompt) / t1}
+
+
+@torch.inference_mode()
+def hf_prefill(hf, prompt: list[int], repeats: int) -> float:
+    ids = torch.tensor([prompt])
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=1)
+    return len(prompt) / min(_timed(lambda: hf.generate(ids, **kw)) for _ in range(repeats))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="llama-3.2-1b", help="model shape (default llama-3.2-1b)")
+    ap.add_argument("--layers", type=int, help="override n_layers (smaller runs; the output head keeps its size)")
+    ap.add_argument("--dim", type=int, help="override dim (with --heads, for smoke runs)")
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--vocab", type=int, help="override vocab_size")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=128, help="decode prompt length (default 128)")
+    ap.add_argument("--new", type=int, default=128, help="new tokens (default 128)")
+    ap.add_argument("--prefill", type=int, default=1024, help="prefill prompt length (default 1024; 0 skips)")
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bw-mib", type=int, default=2048, help="bandwidth probe buffer (default 2048 MiB)")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--no-quant", action="store_true", help="skip int8/int4")
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile (inductor, freezing)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes: --layers 2 --dim 256 --heads 4 --vocab 4096 "
+                                                         "--prompt 16 --new 16 --prefill 64 --repeats 1 --bw-mib 256")
+    ap.add_argument("--json", help="also write the results to this file")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.layers, a.dim, a.heads, a.vocab = a.layers or 2, a.dim or 256, a.heads or 4, a.vocab or 4096
+        a.prompt, a.new, a.prefill, a.repeats, a.bw_mib = 16, 16, 64, 1, 256
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+
+    args = get_config(a.config)
+    changes = {k: v for k, v in (("n_layers", a.layers), ("dim", a.dim), ("n_heads", a.heads),
+                                 ("vocab_size", a.vocab)) if v}
+    if "n_heads" in changes:
+        changes["n_kv_heads"] = max(1, changes["n_heads"] // 4)
+    args = args.replace(**changes) if changes else args
+    res: dict = {"machine": f"{platform.processor() or platform.machine()}, {a.threads} threads, torch {torch.__version__}",
+                 "config": a.config, "overrides": changes, "kernels": cpu_kernels()}
+    bw = read_bandwidth(a.bw_mib, max(3, a.repeats))
+    res["bandwidth_gb_s"] = bw
+    BW = max(bw.values()) * 1e9
+    print(f"# {res['machine']}; read bandwidth {', '.join(f'{k} {v:.1f}' for k, v in bw.items())} GB/s "
+          f"(roofline uses {BW / 1e9:.1f})", flush=True)
+
+    base = Transformer(args)
+    base.init_weights()
+    base = base.to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, args.vocab_size, (a.prompt,), generator=g).tolist()
+    long_prompt = torch.randint(0, args.vocab_size, (a.prefill,), generator=g).tolist()
+    kv_bytes = kv_cache_bytes_per_token(args) * (a.prompt + a.new)  # eager attention reads the request's slots
+    rows = []
+
+    def add(name, tok_s, nbytes, extra=""):
+        roof = BW / nbytes
+        rows.append({"name": name, "tok_s": tok_s, "bytes_per_token": nbytes, "roofline_tok_s": roof,
+                     "roofline_frac": tok_s / roof, "note": extra})
+        print(f"  {name:<34} {tok_s:7.2f} tok/s   {nbytes / 1e9:6.3f} GB/token   {100 * tok_s / roof:5.1f}% of "
+              f"roofline ({roof:.1f} tok/s) {extra}", flush=True)
+
+    print(f"## decode: batch 1, prompt {a.prompt}, {a.new} new tokens (greedy)", flush=True)
+    bf16_bytes = weight_bytes_per_token(base) + kv_bytes
+    plain = herd_decode(base, prompt, a.new, a.repeats)
+    add("herd bf16 eager, F.linear", plain["decode_tok_s"], bf16_bytes)
+    base.clear_caches()
+    use_cpu_kernels(base)  # swaps the linear modules in place (same weights): decode now uses the kernel
+    herd = herd_decode(base, prompt, a.new, a.repeats)
+    add("herd bf16 eager, herd kernels", herd["decode_tok_s"], bf16_bytes)
+    base.clear_caches()
+
+    hf = None
+    if not a.no_hf:
+        hf = hf_model_from(base)
+        t = hf_decode(hf, prompt, a.new, a.repeats)
+        add("transformers bf16 eager", t["decode_tok_s"], bf16_bytes)
+        res["speedup_vs_transformers"] = herd["decode_tok_s"] / t["decode_tok_s"]
+        print(f"  herd / transformers decode: {res['speedup_vs_transformers']:.2f}x", flush=True)
+
+    if a.prefill:
+        print(f"## prefill: {a.prefill}-token prompt, time to first token", flush=True)
+        hp = herd_prefill(base, long_prompt, a.repeats)
+        res["prefill_tok_s"] = {"herd": hp}
+        print(f"  herd bf16          {hp:8.1f} tok/s", flush=True)
+        if hf is not None:
+            tp = hf_prefill(hf, long_prompt, a.repeats)
+            res["prefill_tok_s"]["transformers"] = tp
+            print(f"  transformers bf16  {tp:8.1f} tok/s   (herd {hp / tp:.2f}x)", flush=True)
+    del hf
+    gc.collect()
+
+    if a.compile:
+        print("## torch.compile (inductor, freezing) of the decode step", flush=True)
+        for label, kernels in (("herd kernels", True), ("F.linear", False)):
+            m = copy.deepcopy(base)
+            if not kernels:  # back to plain nn.Linear layers, so inductor sees and prepacks the matmuls
+                restore_linears(m)
+            s, compile_s = compiled_decode(m, prompt, a.new, a.repeats)
+            add(f"herd bf16 compiled, {label}", s["decode_tok_s"], bf16_bytes, f"(compile {compile_s:.0f} s)")
+            del m
+            gc.collect()
+
+    if not a.no_quant:
+        print(f"## weight-only quantization (int4 group size {a.group_size})", flush=True)
+        q_rates = {}
+        for dtype in ("int8", "int4"):
+            m = copy.deepcopy(base)
+            restore_linears(m)
+            quantize_model(m, dtype, a.group_size)
+            nbytes = weight_bytes_per_token(m) + kv_bytes
+            s = herd_decode(m, prompt, a.new, a.repeats)
+            q_rates[dtype] = s["decode_tok_s"]
+            add(f"herd {dtype} eager, herd kernels", s["decode_tok_s"], nbytes)
+            if a.compile and dtype == "int4":  # the smallest weights: per-token overheads matter most here
+                m.clear_caches()
+                s, compile_s = compiled_decode(m, prompt, a.new, a.repeats)
+                add(f"herd {dtype} compiled, herd kernels", s["decode_tok_s"], nbytes, f"(compile {compile_s:.0f} s)")
+            del m
+            gc.collect()
+        res["int4_over_int8"] = q_rates["int4"] / q_rates["int8"]
+        print(f"  int4 / int8 decode: {res['int4_over_int8']:.2f}x", flush=True)
+    res["rows"] = rows
+    bw_end = read_bandwidth(a.bw_mib, max(3, a.repeats))
+    res["bandwidth_end_gb_s"] = bw_end
+    drift = max(bw_end.values()) * 1e9 / BW
+    print(f"# read bandwidth at the end: {', '.join(f'{k} {v:.1f}' for k, v in bw_end.items())} GB/s"
+          + ("" if drift > 0.9 else "  (WARNING: >10% below the start: other work disturbed this run; rerun)"))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+// herd's CPU decode kernels: y = x @ W^T for a few rows of x (decode, up to 4 rows per pass over the weights) and
+// weights streamed once from memory: bf16, int8 per output channel, or int4 in groups along K.
+//
+// Decode on a CPU is bound by memory bandwidth, so each kernel reads every weight byte once, keeps x in L1, and
+// spends few instructions per weight byte. Each thread takes a contiguous range of output rows and reads 2-4 weight
+// rows side by side, giving the hardware prefetchers several streams.
+//
+// bf16: `vdpbf16ps` on bf16 x (exact products, fp32 sums).
+// int8 / int4: integer dot products (`vpdpwssd`, int16 x int16 -> int32) against x rounded to int16 with one fp32
+//   scale per block of K (64 for int8, the group size for int4), so the rounding error is at most 2^-16 of the
+//   block's largest |x|; every block's integer sum is converted to fp32 and scaled. The fp32-FMA alternative
+//   (int8 -> fp32 per weight) was compute-bound at ~70% of one core's bandwidth, the bf16 "0x4300 | nibble"
+//   trick with `vdpbf16ps` at ~60% (that instruction issues every other cycle on this CPU).
+//
+// Layouts (row-major, one row per output channel):
+//   bf16  w (N, K) bf16.
+//   int8  w (N, K) int8, scales (N,) fp32: W = w * scale.
+//   int4  w (N, K/2) uint8, scales and mins (N, K/G) bf16: W = q * scale + min, q in 0..15. Every 64 weights of a
+//         row are 32 bytes, byte j holding q[j] in its low nibble and q[j + 32] in its high nibble.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#define HERD_AVX512 1
+#endif
+
+#ifndef HERD_PREFETCH
+#define HERD_PREFETCH 512  // bytes ahead to software-prefetch each weight row (0: rely on the hardware prefetchers)
+#endif
+
+namespace {
+
+constexpr int64_t kMaxRows = 4;
+
+inline void prefetch(const void* p) {
+  if constexpr (HERD_PREFETCH > 0) _mm_prefetch(static_cast<const char*>(p) + HERD_PREFETCH, _MM_HINT_T0);
+}  // rows of x handled per pass over the weights
+
+constexpr bool supported() {
+#ifdef HERD_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
+void check_x(const at::Tensor& x, int64_t K, int64_t multiple) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (M, K) with K = ", K);
+  TORCH_CHECK(K % multiple == 0, "K = ", K, " must be a multiple of ", multiple);
+  TORCH_CHECK(x.device().is_cpu(), "herd CPU kernels take CPU tensors");
+}
+
+#ifdef HERD_AVX512
+
+// Run fn(row_begin, row_end) over [0, N) in blocks of `block` rows, split across torch's intra-op threads.
+template <typename F>
+void for_rows(int64_t N, int64_t block, const F& fn) {
+  int64_t nb = (N + block - 1) / block;
+  at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) { fn(b * block, std::min(N, e * block)); });
+}
+
+// ---- bf16 -------------------------------------------------------------------------------------------------
+
+template <int MR, int RB>
+void bf16_rows(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t K, int64_t N) {
+  __m512 acc[MR][RB];
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < RB; r++) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh wv[RB];
+    for (int r = 0; r < RB; r++) {
+      prefetch(w + (n + r) * K + k);
+      wv[r] = (__m512bh)_mm512_loadu_si512(w + (n + r) * K + k);
+    }
+    for (int m = 0; m < MR; m++) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+      for (int r = 0; r < RB; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+    }
+  }
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < RB; r++) y[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+// One row at a time with two accumulator chains: the weights are read strictly in address order.
+template <int MR>
+void bf16_row_seq(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t K, int64_t N) {
+  __m512 acc[MR][2];
+  for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const uint16_t* wr = w + n * K;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    prefetch(wr + k);
+    __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
+    for (int m = 0; m < MR; m++) {
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32), w1);
+    }
+  }
+  if (k < K) {  // K % 64 == 32
+    __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);
+    for (int m = 0; m < MR; m++) acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
+  }
+  for (int m = 0; m < MR; m++) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
+#ifndef HERD_BF16_SEQ
+#define HERD_BF16_SEQ 1
+#endif
+
+template <int MR>
+void bf16_pass(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
+  constexpr int RB = MR <= 2 ? 4 : 2;
+  for_rows(N, 16, [&](int64_t b, int64_t e) {
+    int64_t n = b;
+    if constexpr (HERD_BF16_SEQ) {
+      for (; n < e; n++) bf16_row_seq<MR>(x, w, y, n, K, N);
+    } else {
+      for (; n + RB <= e; n += RB) bf16_rows<MR, RB>(x, w, y, n, K, N);
+      for (; n < e; n++) bf16_rows<MR, 1>(x, w, y, n, K, N);
+    }
+  });
+}
+
+// ---- int16 activations -----------------------------------------------------------------------------------
+
+// x (M, K) fp32 -> xq (M, K) int16, xs (M, K/B) scales, xsum (M, K/B) = sum of the dequantized x in each block.
+void quantize_x(const float* x, int64_t M, int64_t K, int64_t B, int16_t* xq, float* xs, float* xsum) {
+  for (int64_t m = 0; m < M; m++) {
+    for (int64_t b = 0; b < K / B; b++) {
+      const float* xb = x + m * K + b * B;
+      float amax = 0.f;
+      for (int64_t i = 0; i < B; i++) amax = std::max(amax, std::abs(xb[i]));
+      const float scale = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / scale;
+      int64_t sum = 0;
+      for (int64_t i = 0; i < B; i++) {
+        int16_t v = static_cast<int16_t>(std::nearbyint(xb[i] * inv));
+        xq[m * K + b * B + i] = v;
+        sum += v;
+      }
+      xs[m * (K / B) + b] = scale;
+      xsum[m * (K / B) + b] = static_cast<float>(sum) * scale;
+    }
+  }
+}
+
+// ---- int8 -------------------------------------------------------------------------------------------------
+
+constexpr int64_t kInt8Block = 64;
+
+template <int MR, int RB>
+void int8_rows(const int16_t* xq, const float* xs, const int8_t* w, const float* s, float* y, int64_t n, int64_t K,
+               int64_t N) {
+  const __m512i zero = _mm512_setzero_si512();
+  __m512 acc[MR][RB];
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < RB; r++) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kInt8Block) {
+    __m512i w0[RB], w1[RB];
+    for (int r = 0; r < RB; r++) {
+      const int8_t* wr = w + (n + r) * K + k;
+      prefetch(wr);
+      w0[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)wr));
+      w1[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + 32)));
+    }
+    for (int m = 0; m < MR; m++) {
+      const __m512i x0 = _mm512_loadu_si512(xq + m * K + k), x1 = _mm512_loadu_si512(xq + m * K + k + 32);
+      const __m512 sx = _mm512_set1_ps(xs[m * (K / kInt8Block) + k / kInt8Block]);
+      for (int r = 0; r < RB; r++) {
+        __m512i t = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(zero, x0, w0[r]), x1, w1[r]);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sx, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < RB; r++) y[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]) * s[n + r];
+}
+
+template <int MR>
+void int8_pass(const int16_t* xq, const float* xs, const int8_t* w, const float* s, float* y, int64_t K, int64_t N) {
+  constexpr int RB = MR <= 2 ? 4 : 2;
+  for_rows(N, 16, [&](int64_t b, int64_t e) {
+    int64_t n = b;
+    for (; n + RB <= e; n += RB) int8_rows<MR, RB>(xq, xs, w, s, y, n, K, N);
+    for (; n < e; n++) int8_rows<MR, 1>(xq, xs, w, s, y, n, K, N);
+  });
+}
+
+// ---- int4 -------------------------------------------------------------------------------------------------
+
+// xq/xs/xsum: x quantized in blocks of G (one x scale per weight group).
+template <int MR, int RB, int G>
+void int4_rows(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* w, const uint16_t* sc,
+               const uint16_t* mn, float* y, int64_t n, int64_t K, int64_t N) {
+  const int64_t ng = K / G;
+  const __m512i zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi16(0x0F);
+  __m512 acc[MR][RB];
+  __m512i part_lo[MR][RB], part_hi[MR][RB];  // the current group's integer sums (G > 32), two chains
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < RB; r++) acc[m][r] = _mm512_setzero_ps(), part_lo[m][r] = part_hi[m][r] = zero;
+  // the fp32 multiplier of each group, weight scale * x scale, computed 16 groups at a time into a per-thread buffer
+  thread_local std::vector<float> mul_buf;
+  if (mul_buf.size() < static_cast<size_t>(MR * RB * ng)) mul_buf.resize(MR * RB * ng);
+  float* mul = mul_buf.data();
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < RB; r++)
+      for (int64_t g = 0; g < ng; g += 16) {
+        const __mmask16 mask = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
+        const __m512 ws = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, sc + (n + r) * ng + g)), 16));
+        _mm512_mask_storeu_ps(mul + (m * RB + r) * ng + g, mask,
+                              _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(mask, xs + m * ng + g)));
+      }
+  auto mult = [&](int m, int r, int64_t g) { return _mm512_set1_ps(mul[(m * RB + r) * ng + g]); };
+  for (int64_t k = 0; k < K; k += 64) {
+    __m512i lo[RB], hi[RB];
+    for (int r = 0; r < RB; r++) {
+      const uint8_t* wr = w + (n + r) * (K / 2) + k / 2;
+      if (k % 128 == 0) prefetch(wr);
+      __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)wr));
+      lo[r] = _mm512_and_si512(b, nibble);
+      hi[r] = _mm512_srli_epi16(b, 4);
+    }
+    for (int m = 0; m < MR; m++) {
+      const __m512i x0 = _mm512_loadu_si512(xq + m * K + k), x1 = _mm512_loadu_si512(xq + m * K + k + 32);
+      if constexpr (G == 32) {  // low nibbles are group 2j, high nibbles group 2j + 1
+        for (int r = 0; r < RB; r++) {
+          const int64_t g = k / 32;
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpwssd_epi32(zero, x0, lo[r])), mult(m, r, g), acc[m][r]);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpwssd_epi32(zero, x1, hi[r])), mult(m, r, g + 1),
+                                      acc[m][r]);
+        }
+      } else {
+        for (int r = 0; r < RB; r++) {
+          part_lo[m][r] = _mm512_dpwssd_epi32(part_lo[m][r], x0, lo[r]);
+          part_hi[m][r] = _mm512_dpwssd_epi32(part_hi[m][r], x1, hi[r]);
+        }
+        if ((k + 64) % G == 0) {  // group done
+          for (int r = 0; r < RB; r++) {
+            __m512i sum = _mm512_add_epi32(part_lo[m][r], part_hi[m][r]);
+            acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), mult(m, r, k / G), acc[m][r]);
+            part_lo[m][r] = part_hi[m][r] = zero;
+          }
+        }
+      }
+    }
+  }
+  // + sum_g min_g * xsum_g, 16 groups at a time
+  for (int r = 0; r < RB; r++) {
+    __m512 off[MR];
+    for (int m = 0; m < MR; m++) off[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g += 16) {
+      const __mmask16 mask = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
+      const __m512 mins = _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, mn + (n + r) * ng + g)), 16));
+      for (int m = 0; m < MR; m++) off[m] = _mm512_fmadd_ps(mins, _mm512_maskz_loadu_ps(mask, xsum + m * ng + g), off[m]);
+    }
+    for (int m = 0; m < MR; m++) y[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]) + _mm512_reduce_add_ps(off[m]);
+  }
+}
+
+template <int MR, int G>
+void int4_pass(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* w, const uint16_t* sc,
+               const uint16_t* mn, float* y, int64_t K, int64_t N) {
+  constexpr int RB = MR <= 2 ? 4 : 2;
+  for_rows(N, 16, [&](int64_t b, int64_t e) {
+    int64_t n = b;
+    for (; n + RB <= e; n += RB) int4_rows<MR, RB, G>(xq, xs, xsum, w, sc, mn, y, n, K, N);
+    for (; n < e; n++) int4_rows<MR, 1, G>(xq, xs, xsum, w, sc, mn, y, n, K, N);
+  });
+}
+
+template <int G>
+void int4_dispatch(int64_t mr, const int16_t* xq, const float* xs, const float* xsum, const uint8_t* w,
+                   const uint16_t* sc, const uint16_t* mn, float* y, int64_t K, int64_t N) {
+  switch (mr) {
+    case 1: int4_pass<1, G>(xq, xs, xsum, w, sc, mn, y, K, N); break;
+    case 2: int4_pass<2, G>(xq, xs, xsum, w, sc, mn, y, K, N); break;
+    case 3: int4_pass<3, G>(xq, xs, xsum, w, sc, mn, y, K, N); break;
+    default: int4_pass<4, G>(xq, xs, xsum, w, sc, mn, y, K, N);
+  }
+}
+
+// Dispatch M rows of x in passes of up to kMaxRows; `pass(MR, row0)` runs one pass.
+template <typename P>
+void in_passes(int64_t M, const P& pass) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) pass(std::min(kMaxRows, M - m0), m0);
+}
+
+#endif  // HERD_AVX512
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(supported(), "herd CPU kernels were built without AVX-512 BF16/VNNI");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  check_x(x, K, 32);
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "w must be contiguous bf16 (N, K)");
+  auto xb = x.to(at::kBFloat16).contiguous();
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+#ifdef HERD_AVX512
+  auto xp = (const uint16_t*)xb.data_ptr();
+  auto wp = (const uint16_t*)w.data_ptr();
+  in_passes(M, [&](int64_t mr, int64_t m0) {
+    auto xm = xp + m0 * K;
+    auto ym = y.data_ptr<float>() + m0 * N;
+    switch (mr) {
+      case 1: bf16_pass<1>(xm, wp, ym, K, N); break;
+      case 2: bf16_pass<2>(xm, wp, ym, K, N); break;
+      case 3: bf16_pass<3>(xm, wp, ym, K, N); break;
+      default: bf16_pass<4>(xm, wp, ym, K, N);
+    }
+  });
+#endif
+  return y.to(x.scalar_type());
+}
+
+#ifdef HERD_AVX512
+// x rows as int16 in blocks of B: -> (xq int16 (M, K), xs (M, K/B), xsum (M, K/B))
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int16_rows(const at::Tensor& x, int64_t B) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto xf = x.to(at::kFloat).contiguous();
+  auto xq = at::empty({M, K}, x.options().dtype(at::kShort));
+  auto xs = at::empty({M, K / B}, x.options().dtype(at::kFloat));
+  auto xsum = at::empty({M, K / B}, x.options().dtype(at::kFloat));
+  quantize_x(xf.data_ptr<float>(), M, K, B, xq.data_ptr<int16_t>(), xs.data_ptr<float>(), xsum.data_ptr<float>());
+  return {xq, xs, xsum};
+}
+#endif
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  TORCH_CHECK(supported(), "herd CPU kernels were built without AVX-512 BF16/VNNI");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  check_x(x, K, 64);
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), "w must be contiguous int8 (N, K)");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N, "scales must be fp32 (N,)");
+  auto sf = scales.contiguous();
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+#ifdef HERD_AVX512
+  auto [xq, xs, xsum] = int16_rows(x, kInt8Block);
+  auto wp = w.data_ptr<int8_t>();
+  auto sp = sf.data_ptr<float>();
+  in_passes(M, [&](int64_t mr, int64_t m0) {
+    auto q = xq.data_ptr<int16_t>() + m0 * K;
+    auto s = xs.data_ptr<float>() + m0 * (K / kInt8Block);
+    auto ym = y.data_ptr<float>() + m0 * N;
+    switch (mr) {
+      case 1: int8_pass<1>(q, s, wp, sp, ym, K, N); break;
+      case 2: int8_pass<2>(q, s, wp, sp, ym, K, N); break;
+      case 3: int8_pass<3>(q, s, wp, sp, ym, K, N); break;
+      default: int8_pass<4>(q, s, wp, sp, ym, K, N);
+    }
+  });
+#endif
+  return y.to(x.scalar_type());
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& mins,
+                       int64_t group_size) {
+  TORCH_CHECK(supported(), "herd CPU kernels were built without AVX-512 BF16/VNNI");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1) * 2, G = group_size;
+  check_x(x, K, 64);
+  TORCH_CHECK((G == 32 || G == 64 || G == 128 || G == 256) && K % G == 0, "group size ", G,
+              " must be 32, 64, 128 or 256 and divide K");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "w must be contiguous uint8 (N, K/2)");
+  for (auto* t : {&scales, &mins})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == N * (K / G),
+                "scales and mins must be contiguous bf16 (N, K/G)");
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+#ifdef HERD_AVX512
+  auto [xq, xs, xsum] = int16_rows(x, G);
+  auto wp = w.data_ptr<uint8_t>();
+  auto sp = (const uint16_t*)scales.data_ptr();
+  auto mp = (const uint16_t*)mins.data_ptr();
+  in_passes(M, [&](int64_t mr, int64_t m0) {
+    auto q = xq.data_ptr<int16_t>() + m0 * K;
+    auto s = xs.data_ptr<float>() + m0 * (K / G);
+    auto su = xsum.data_ptr<float>() + m0 * (K / G);
+    auto ym = y.data_ptr<float>() + m0 * N;
+    switch (G) {
+      case 32: int4_dispatch<32>(mr, q, s, su, wp, sp, mp, ym, K, N); break;
+      case 64: int4_dispatch<64>(mr, q, s, su, wp, sp, mp, ym, K, N); break;
+      case 128: int4_dispatch<128>(mr, q, s, su, wp, sp, mp, ym, K, N); break;
+      default: int4_dispatch<256>(mr, q, s, su, wp, sp, mp, ym, K, N);
+    }
+  });
+#endif
+  return y.to(x.scalar_type());
+}
+
+// Read bandwidth probe for the benchmark: sums a buffer as int32 lanes with four independent streams per thread.
+int64_t read_sum(const at::Tensor& buf) {
+  const int64_t n = buf.numel() * buf.element_size() / 4;
+  const int32_t* p = (const int32_t*)buf.data_ptr();
+  std::vector<int64_t> parts(at::get_num_threads() + 1, 0);
+  const int64_t quarter = n / 4;
+  at::parallel_for(0, quarter, 1 << 14, [&](int64_t b, int64_t e) {
+    int64_t s = 0;
+#ifdef HERD_AVX512
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = b;
+    for (; i + 16 <= e; i += 16) {
+      a0 = _mm512_add_epi32(a0, _mm512_loadu_si512(p + i));
+      a1 = _mm512_add_epi32(a1, _mm512_loadu_si512(p + quarter + i));
+      a2 = _mm512_add_epi32(a2, _mm512_loadu_si512(p + 2 * quarter + i));
+      a3 = _mm512_add_epi32(a3, _mm512_loadu_si512(p + 3 * quarter + i));
+    }
+    s = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
+    b = i;
+#endif
+    for (int64_t i = b; i < e; i++) s += p[i] + p[quarter + i] + p[2 * quarter + i] + p[3 * quarter + i];
+    parts[at::get_thread_num()] += s;
+  });
+  int64_t total = 0;
+  for (auto v : parts) total += v;
+  return total;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(herd, m) {
+  m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor w, Tensor scales, Tensor mins, int group_size) -> Tensor");
+  m.def("read_sum(Tensor buf) -> int");
+}
+
+TORCH_LIBRARY_IMPL(herd, CPU, m) {
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int4", &linear_int4);
+  m.impl("read_sum", &read_sum);
+}

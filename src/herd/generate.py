@@ -1,0 +1,380 @@
+"""Token generation: KV-cache prefill and decode, sampling, stop handling, batched ragged prompts.
+
+Reads top to bottom: sampling parameters -> pure sampling functions (penalties, temperature / top-k / top-p / min-p,
+the draw) -> the two model steps (`prefill`, `decode_one`) -> `Engine`, which owns the cache and runs the loop ->
+stop strings. Only the engine loop talks to Python objects; the tensor functions take and return tensors and are
+what `torch.compile` sees.
+
+Ragged batches follow model.py's design: prompts are right-padded, each row has its own positions, the cache slot
+of a token is its position, and the mask is key_pos <= query_pos. A row's pad slots hold garbage that is never
+attended: decode writes slot p before the query at position p reads slots 0..p.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .model import Transformer
+
+
+class GenerationError(ValueError):
+    """Bad generation input (empty prompt, unknown token id, bad sampling parameter)."""
+
+
+class ContextLengthError(GenerationError):
+    """Prompt + max_new_tokens does not fit the model's context (or the engine's cache limit)."""
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is picked. temperature 0 means greedy (argmax after penalties).
+
+    Defaults are Meta's reference (temperature 0.6, top-p 0.9). Penalties: `repetition_penalty` (CTRL / HF style,
+    >1 discourages every token already in the prompt or output), `presence_penalty` and `frequency_penalty`
+    (OpenAI style, subtracted from the logits of tokens already generated: once, or once per occurrence).
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # drop tokens with probability < min_p * p(most likely token)
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise GenerationError(f"{name} {why}, got {getattr(self, name)!r}")
+
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+        if self.temperature < 0:
+            bad("temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.min_p < 1:
+            bad("min_p", "must be in [0, 1)")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be > 0")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad("seed", "must be an integer")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+# ---- sampling: pure tensor functions ------------------------------------------------------------------------
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, p: SamplingParams):
+    """logits (B, V) fp32; counts (B, V) times each token was generated; in_prompt (B, V) bool."""
+    if p.repetition_penalty != 1:
+        seen = in_prompt | (counts > 0)
+        scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(seen, scaled, logits)
+    if p.presence_penalty:
+        logits = logits - p.presence_penalty * (counts > 0).to(logits.dtype)
+    if p.frequency_penalty:
+        logits = logits - p.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def logits_to_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """(B, V) logits -> (B, V) probabilities after temperature, top-k, min-p and top-p (unselected tokens are 0)."""
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    if p.top_p < 1:
+        # Meta's rule: drop a token when the mass before it (in descending order) already exceeds top_p
+        sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) > p.top_p
+        probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    return probs
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One sample per row, proportional to probs (need not be normalized): argmax of probs / Exp(1) noise."""
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) processed logits -> (B,) token ids."""
+    if p.greedy:
+        return torch.argmax(logits, dim=-1)
+    return draw(logits_to_probs(logits, p), generator)
+
+
+# ---- the two model steps ------------------------------------------------------------------------------------
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor, kv_len: int):
+    """tokens, input_pos (B, T); last (B, 1) index of each row's final prompt token -> (B, V) fp32 logits."""
+    return model(tokens, input_pos, kv_len=kv_len, logits_idx=last)[:, 0]
+
+
+def decode_one(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int):
+    """tokens, input_pos (B, 1) -> (B, V) fp32 logits of the next token."""
+    return model(tokens, input_pos, kv_len=kv_len)[:, 0]
+
+
+# ---- the engine ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepOutput:
+    """One decode step for the whole batch. Rows already finished before this step have token None."""
+
+    tokens: list[int | None]
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    finish: list[str | None] = field(default_factory=list)  # "stop" or "length" on the row's last step
+
+
+def check_context(prompt_lens: Sequence[int], max_new_tokens: int, limit: int) -> int:
+    """-> the cache length needed; raises ContextLengthError with the numbers when it exceeds `limit`."""
+    need = max(prompt_lens) + max_new_tokens
+    if need > limit:
+        longest = max(prompt_lens)
+        raise ContextLengthError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {need} tokens exceeds the context "
+            f"limit of {limit} tokens; shorten the prompt or lower max_new_tokens"
+        )
+    return need
+
+
+class Engine:
+    """Runs generation for one model: owns its KV cache and the (optionally compiled) prefill/decode steps.
+
+    Args:
+        model: a Transformer in eval mode, on its device and dtype.
+        max_seq_len: cap on prompt + new tokens (default: the model's context).
+        compile: torch.compile the decode step (inductor; `freezing` folds weights as constants, CPU only).
+        min_kv_bucket: smallest attention length of the compiled step (lengths are rounded up to powers of two).
+    """
+
+    def __init__(self, model: Transformer, *, max_seq_len: int | None = None, compile: bool = False,
+                 freezing: bool = True, min_kv_bucket: int = 256):
+        self.model = model
+        self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
+        self.compiled = compile
+        self.min_kv_bucket = min_kv_bucket
+        self.last_stats: dict = {}
+        self._prefill, self._decode = prefill, decode_one
+        if compile:
+            self._decode = compile_step(decode_one, model, freezing=freezing)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    def _cache(self, batch: int, need: int) -> int:
+        """Make sure a cache of at least (batch, need) slots exists; -> the number of slots attention reads.
+
+        Eager reads exactly `need`; compiled reads a power-of-two bucket, so a new graph is traced only when a
+        request outgrows the bucket (decode is recompiled per (batch, bucket) shape)."""
+        kv_len = need
+        if self.compiled:
+            kv_len = min(self.max_seq_len, max(self.min_kv_bucket, 1 << (need - 1).bit_length()))
+        cache = self.model.layers[0].attention.cache
+        if cache is None or cache.k.shape[0] < batch or cache.k.shape[2] < kv_len:
+            self.model.setup_caches(batch, kv_len)
+        return kv_len
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | None = None,
+        *,
+        max_new_tokens: int = 256,
+        stop_tokens: Sequence[int] = (),
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        stop_rows: set[int] | None = None,
+    ) -> Iterator[StepOutput]:
+        """An iterator of one StepOutput per generated position, until every row has stopped.
+
+        The request is checked (and the cache allocated) here, so bad input raises at the call, not later.
+
+        A row stops on a token in `stop_tokens` (that token is reported, with finish "stop"), at max_new_tokens
+        ("length"), or when the caller adds its index to `stop_rows` (e.g. a stop string matched; no further
+        tokens are produced for it). Logprobs are log-softmax of the raw model logits (before penalties and
+        temperature), for the chosen token and, with top_logprobs=n, the n most likely tokens.
+        """
+        p = params or SamplingParams()
+        prompts = [list(map(int, pr)) for pr in prompts]
+        vocab = self.model.args.vocab_size
+        if not prompts:
+            raise GenerationError("no prompts given")
+        for i, pr in enumerate(prompts):
+            if not pr:
+                raise GenerationError(f"prompt {i} is empty")
+            if min(pr) < 0 or max(pr) >= vocab:
+                raise GenerationError(f"prompt {i} has a token id outside the vocabulary [0, {vocab})")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not 0 <= top_logprobs <= 20:
+            raise GenerationError(f"top_logprobs must be in 0..20, got {top_logprobs}")
+        lens = [len(pr) for pr in prompts]
+        need = check_context(lens, max_new_tokens, self.max_seq_len)
+        kv_len = self._cache(len(prompts), need)
+        return self._steps(prompts, p, kv_len, max_new_tokens, stop_tokens, logprobs, top_logprobs,
+                           stop_rows if stop_rows is not None else set())
+
+    @torch.inference_mode()
+    def _steps(self, prompts, p, kv_len, max_new_tokens, stop_tokens, logprobs, top_logprobs, stop_rows):
+        lens = [len(pr) for pr in prompts]
+        bsz, dev, vocab = len(prompts), self.device, self.model.args.vocab_size
+
+        # right-pad; pad slots get written during prefill but are never attended (see the module docstring)
+        tmax = max(lens)
+        tokens = torch.zeros(bsz, tmax, dtype=torch.long, device=dev)
+        for i, pr in enumerate(prompts):
+            tokens[i, : len(pr)] = torch.tensor(pr, device=dev)
+        pos = torch.tensor(lens, device=dev)
+        input_pos = torch.arange(tmax, device=dev)[None].expand(bsz, tmax)
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, (1,)).item()))
+        stop_t = torch.tensor(sorted(set(stop_tokens)) or [-1], device=dev)
+        counts = in_prompt = None
+        if p.penalized:
+            counts = torch.zeros(bsz, vocab, dtype=torch.int32, device=dev)
+            real = (input_pos < pos[:, None]).to(torch.int32)  # 0 on pad slots
+            in_prompt = torch.zeros_like(counts).scatter_add_(1, tokens, real) > 0
+
+        t0 = time.perf_counter()
+        t_first, steps, emitted = None, 0, 0
+        done = [False] * bsz
+        try:
+            logits = self._prefill(self.model, tokens, input_pos, (pos - 1)[:, None], kv_len)
+            for step in range(max_new_tokens):
+                if step:  # feed the previous token at its position (prompt length + step - 1)
+                    logits = self._decode(self.model, cur[:, None], pos[:, None], kv_len)
+                    pos = pos + 1
+                raw = logits
+                if counts is not None:
+                    logits = apply_penalties(logits, counts, in_prompt, p)
+                nxt = sample(logits, p, gen)
+                if counts is not None:
+                    counts.scatter_add_(1, nxt[:, None], torch.ones_like(nxt[:, None], dtype=counts.dtype))
+                lp = top = None
+                if logprobs or top_logprobs:
+                    logp = torch.log_softmax(raw.float(), dim=-1)
+                    lp = logp.gather(1, nxt[:, None])[:, 0].tolist()
+                    if top_logprobs:
+                        tv, ti = torch.topk(logp, top_logprobs, dim=-1)
+                        top = [dict(zip(r_i, r_v)) for r_i, r_v in zip(ti.tolist(), tv.tolist())]
+                is_stop = torch.isin(nxt, stop_t).tolist()
+                ids = nxt.tolist()  # the host sync of this step
+                if t_first is None:
+                    t_first = time.perf_counter()
+                out = StepOutput([None] * bsz, [0.0] * bsz if lp else None, [{}] * bsz if top else None, [None] * bsz)
+                for i in range(bsz):
+                    if done[i] or i in stop_rows:
+                        done[i] = True
+                        continue
+                    out.tokens[i] = ids[i]
+                    if lp:
+                        out.logprobs[i] = lp[i]
+                    if top:
+                        out.top_logprobs[i] = top[i]
+                    if is_stop[i]:
+                        out.finish[i], done[i] = "stop", True
+                    elif step == max_new_tokens - 1:
+                        out.finish[i], done[i] = "length", True
+                steps += 1
+                emitted += sum(t is not None for t in out.tokens)
+                yield out
+                if all(done[i] or i in stop_rows for i in range(bsz)):
+                    break
+                cur = nxt
+        finally:  # also when the consumer stops early (Ctrl-C, a stop string)
+            self.last_stats = _stats(sum(lens), bsz, steps, emitted, t0, t_first, time.perf_counter())
+
+
+def _stats(n_prompt: int, bsz: int, steps: int, emitted: int, t0: float, t_first: float | None, t_end: float):
+    prefill_s = (t_first or t_end) - t0
+    decode_s = t_end - (t_first or t_end)
+    return {
+        "prompt_tokens": n_prompt,
+        "generated_tokens": emitted,
+        "batch_size": bsz,
+        "prefill_s": round(prefill_s, 6),
+        "decode_s": round(decode_s, 6),
+        "prefill_tok_s": n_prompt / prefill_s if prefill_s > 0 else None,
+        # the first token of each row comes out of prefill; decode made the rest
+        "decode_tok_s": (steps - 1) * bsz / decode_s if steps > 1 and decode_s > 0 else None,
+    }
+
+
+def compile_step(fn, model: Transformer, *, freezing: bool = True):
+    """torch.compile a step function (inductor, static shapes). `freezing` (CPU) folds the weights as constants,
+    which lets inductor prepack them; it is applied only while the compiled function runs."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(fn, dynamic=False)
+    on_cpu = model.tok_embeddings.weight.device.type == "cpu"
+
+    def run(*args):
+        with inductor_config.patch(freezing=freezing and on_cpu):
+            return compiled(*args)
+
+    return run
+
+
+# ---- stop strings -------------------------------------------------------------------------------------------
+
+
+class StopStrings:
+    """Cuts a stream of text deltas at the first stop string, holding back any tail that could start one."""
+
+    def __init__(self, stops: Sequence[str] = ()):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+        self.hit: str | None = None
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """-> (text that is safe to emit, whether a stop string was found). After a hit, feed returns ("", True)."""
+        if self.hit is not None:
+            return "", True
+        if not self.stops:
+            return text, False
+        self.buf += text
+        found = [(self.buf.find(s), s) for s in self.stops if s in self.buf]
+        if found:
+            i, self.hit = min(found)
+            out, self.buf = self.buf[:i], ""
+            return out, True
+        keep = 0
+        for s in self.stops:  # longest suffix of buf that is a proper prefix of a stop string
+            for n in range(min(len(s) - 1, len(self.buf)), keep, -1):
+                if self.buf.endswith(s[:n]):
+                    keep = n
+                    break
+        cut = len(self.buf) - keep
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = ("" if self.hit is not None else self.buf), ""
+        return out
