@@ -296,7 +296,8 @@ def _chat_template(args) -> int:
 def add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a model on text files from a YAML run config (also under torchrun)")
     p.add_argument("--config", required=True, help="YAML run settings, e.g. configs/pretrain-tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override settings, e.g. optim.lr=1e-3 train.steps=200")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override settings, e.g. optim.lr=1e-3 train.steps=200")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
     p.set_defaults(func=_pretrain)
 
@@ -307,6 +308,8 @@ def _pretrain(args) -> int:
     from .train import TrainingDiverged, load_settings, train
 
     settings = load_settings(args.config, args.overrides)
+    if settings.finetune is not None:
+        raise CLIError(f"{args.config} has a finetune section: run it with `herd finetune`")
     if args.print_config:
         print(yaml.safe_dump(settings.to_dict(), sort_keys=False), end="")
         return 0
@@ -316,6 +319,36 @@ def _pretrain(args) -> int:
         print(f"herd pretrain: stopped: {e}", file=sys.stderr)
         return 3
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line
+        held_out = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        print(f"done: step {result.step} in {result.run_dir}{held_out}", file=sys.stderr)
+    return 0
+
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune on chat/Alpaca JSONL: full, LoRA or QLoRA (also under torchrun)")
+    p.add_argument("--config", required=True, help="YAML run settings, e.g. configs/finetune-lora.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override settings, e.g. finetune.method=qlora model.init_from=PATH data.paths=[my.jsonl]")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
+    p.set_defaults(func=_finetune)
+
+
+def _finetune(args) -> int:
+    import yaml
+
+    from .finetune import finetune, load_settings
+    from .train import TrainingDiverged
+
+    settings = load_settings(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(settings.to_dict(), sort_keys=False), end="")
+        return 0
+    try:
+        result = finetune(settings)
+    except TrainingDiverged as e:
+        print(f"herd finetune: stopped: {e}", file=sys.stderr)
+        return 3
+    if os.environ.get("RANK", "0") == "0":
         held_out = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         print(f"done: step {result.step} in {result.run_dir}{held_out}", file=sys.stderr)
     return 0
@@ -399,6 +432,46 @@ def _quantize(args) -> int:
     print(f"wrote {args.out}", file=sys.stderr)
     _print_json(report)
     return 0
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model: OpenAI and Ollama APIs, continuous batching, web playground")
+    p.add_argument("--model", help="checkpoint: HF or Meta folder, .gguf file, or `herd quantize` output")
+    p.add_argument("--random-weights", action="store_true", help="--model is a config name (e.g. tiny-llama3-vocab): "
+                                                                 "serve random weights, for demos and tests")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "
+                                                       "needs --api-key or --insecure)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $HERD_API_KEY)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests generating at once (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503 (default 64)")
+    p.add_argument("--queue-timeout", type=float, default=600.0, help="seconds a request may wait (default 600)")
+    p.add_argument("--max-seq-len", type=_positive_int, help="prompt + reply tokens per request "
+                                                             "(default: min(model context, 8192))")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=8 << 20, help="request body cap (default 8 MiB)")
+    p.add_argument("--allow-origin", action="append", help="browser origin allowed to call the API (repeatable)")
+    p.add_argument("--served-model-name", help="the model's name in the APIs (default: the folder or config name)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds running requests get on SIGTERM")
+    p.add_argument("--tokenizer", help="tokenizer file or folder (default: the model folder's, else Llama 3's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights and activations (default bf16)")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    from .serve.app import run_cli
+
+    if args.max_queue < 0:
+        raise CLIError(f"--max-queue must be >= 0, got {args.max_queue}")
+    return run_cli(args)
+
+
+def _port(s: str) -> int:
+    v = _positive_int(s)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {v}")
+    return v
 
 
 def _read_json(path: str, what: str):
