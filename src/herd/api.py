@@ -302,7 +302,7 @@ def _default_device() -> str:
 
 
 def load(
-    path: str | os.PathLike,
+    path: str | os.PathLike | None = None,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
@@ -310,7 +310,8 @@ def load(
     max_seq_len: int | None = None,
     compile: bool = False,
 ) -> LLM:
-    """Load a checkpoint (HF folder, Meta folder, .gguf file, or `herd quantize` output) as an LLM.
+    """Load a checkpoint (HF folder, Meta folder, .gguf file, or `herd quantize` output) as an LLM;
+    no path: herd's bundled default model (a small Llama 3.1-architecture model trained on Shakespeare).
 
     Args:
         device: default cuda when available, else cpu.
@@ -321,6 +322,10 @@ def load(
     """
     from .checkpoint import load_model
     from .config import CONFIGS
+    from .default_model import default_model_path
+
+    if path is None:  # herd's bundled default model
+        path = default_model_path()
     from .quantize import is_quantized_checkpoint, load_quantized, use_cpu_kernels
 
     p = Path(path)

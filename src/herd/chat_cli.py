@@ -22,7 +22,8 @@ Ctrl-C stops the current reply."""
 
 def model_flags(p: argparse.ArgumentParser) -> None:
     """--model and the loading and sampling flags shared by `generate` and `chat`."""
-    p.add_argument("--model", required=True, help="checkpoint: HF or Meta folder, .gguf file, or `herd quantize` output")
+    p.add_argument("--model", help="checkpoint: HF or Meta folder, .gguf file, or `herd quantize` output "
+                                   "(default: herd's bundled Shakespeare model)")
     p.add_argument("--tokenizer", help="tokenizer file or folder (default: the model folder's, else Llama 3's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights and activations (default bf16)")
@@ -60,7 +61,9 @@ def load_llm(args):
 
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise ValueError(f"--max-seq-len must be positive, got {args.max_seq_len}")
-    return load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+    from .default_model import resolve
+
+    return load(resolve(args.model), device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
                 max_seq_len=args.max_seq_len, compile=args.compile)
 
 

@@ -121,12 +121,26 @@ def clean_stale(folder: str | os.PathLike) -> list[Path]:
 # ---- saving -------------------------------------------------------------------------------------------------
 
 
-def _tensor_state(model, optimizer) -> dict:
+def _trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _model_state(model, trainable_only: bool) -> dict:
+    """The model's state dict; with `trainable_only`, just the parameters that train (no frozen base, no buffers
+    such as a quantized base's): a LoRA checkpoint holds the adapters, the base comes from model.init_from."""
+    if not trainable_only:
+        return get_model_state_dict(model)
+    sd = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+    keep = _trainable_names(model)
+    return {k: v for k, v in sd.items() if k in keep}
+
+
+def _tensor_state(model, optimizer, trainable_only: bool = False) -> dict:
     """{"model": FQN -> tensor, "optim": FQN -> {step, exp_avg, exp_avg_sq}}: tensors only (DTensors when sharded).
 
     The optimizer's param_groups (lr, betas, ...) are not saved: they come from the run's settings on resume.
     """
-    model_sd = get_model_state_dict(model)
+    model_sd = _model_state(model, trainable_only)
     optim_sd = get_optimizer_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd["state"]}
     for fqn, s in optim_sd["state"].items():
@@ -144,9 +158,11 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    folder: str | os.PathLike, step: int, model, optimizer, train_state: dict, *, keep: int | None = None
+    folder: str | os.PathLike, step: int, model, optimizer, train_state: dict, *, keep: int | None = None,
+    trainable_only: bool = False,
 ) -> Path:
-    """Save a sharded checkpoint of `step` into `folder` (collective: every rank calls it). Returns its path."""
+    """Save a sharded checkpoint of `step` into `folder` (collective: every rank calls it). Returns its path.
+    `trainable_only`: only parameters with requires_grad (and their optimizer state)."""
     folder = Path(folder)
     final = folder / f"step-{step:08d}"
     partial = folder / f"{final.name}.partial"
@@ -157,7 +173,7 @@ def save_checkpoint(
         partial.mkdir()
     _barrier()
     with _single_process_quiet():
-        dcp.save(_tensor_state(model, optimizer), checkpoint_id=partial)
+        dcp.save(_tensor_state(model, optimizer, trainable_only), checkpoint_id=partial)
     torch.save(_rng_state(), partial / f"rng-{rank:05d}.pt")
     if rank == 0:
         _write_json(partial / TRAIN_STATE, {**train_state, "step": step, "world_size": _world()})
@@ -254,9 +270,10 @@ class _SafeReader(FileSystemReader):
         return md
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict:
+def load_checkpoint(path: str | os.PathLike, model, optimizer=None, *, trainable_only: bool = False) -> dict:
     """Load model (and optimizer) tensors and this rank's RNG state from a complete checkpoint; returns its
-    train_state dict. Works across layouts: DCP reshards a checkpoint saved with other FSDP/TP sizes."""
+    train_state dict. Works across layouts: DCP reshards a checkpoint saved with other FSDP/TP sizes.
+    `trainable_only`: the checkpoint holds (and must hold) exactly the parameters with requires_grad."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise CheckpointLoadError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
@@ -264,7 +281,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict:
         train_state = json.loads((path / TRAIN_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointLoadError(f"{path}: cannot read {TRAIN_STATE} ({e})") from None
-    state = {"model": get_model_state_dict(model)}
+    state = {"model": _model_state(model, trainable_only)}
     optim_sd = None
     if optimizer is not None:
         optim_sd = get_optimizer_state_dict(model, optimizer)  # initialises empty AdamW state to load into
@@ -277,7 +294,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict:
     except CheckpointException as e:
         detail = [ln for ln in str(e).splitlines() if ln.strip() and not ln.startswith((" ", "Traceback"))]
         raise CheckpointLoadError(f"{path}: cannot load ({detail[-1] if detail else e})") from None
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not trainable_only))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, {"state": state["optim"], "param_groups": optim_sd["param_groups"]})
     rng_file = path / f"rng-{_rank():05d}.pt"

@@ -289,6 +289,22 @@ class PackedDataset:
 class Batch:
     inputs: torch.Tensor  # (B, T) int64 token ids
     labels: torch.Tensor  # (B, T) int64 next-token ids, IGNORE_INDEX where no loss is taken
+    positions: torch.Tensor | None = None  # (B, T) RoPE positions of packed rows (0 where a document starts)
+
+
+def collate(samples: Sequence[tuple]) -> Batch:
+    """(inputs, labels) or (inputs, labels, positions) numpy samples -> one Batch of stacked tensors."""
+    stack = lambda i: torch.from_numpy(np.stack([s[i] for s in samples]))  # noqa: E731
+    return Batch(stack(0), stack(1), stack(2) if len(samples[0]) > 2 else None)
+
+
+def document_mask(positions: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal attention mask of packed rows: (B, T) positions -> bool (B, 1, T, T), True = may
+    attend. A document starts where its position is 0; a token sees the earlier tokens of its own document only."""
+    doc = (positions == 0).cumsum(-1)
+    t = positions.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 class Loader:
@@ -329,9 +345,7 @@ class Loader:
         start = self.offset + self.rank * self.batch_size
         samples = [self.dataset[int(j)] for j in self._order[start : start + self.batch_size]]
         self.offset += step
-        inputs = torch.from_numpy(np.stack([s[0] for s in samples]))
-        labels = torch.from_numpy(np.stack([s[1] for s in samples]))
-        return Batch(inputs, labels)
+        return collate(samples)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "n_samples": len(self.dataset)}

@@ -9,6 +9,7 @@ UTF-8 length of the text, which makes numbers comparable across tokenizers.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
@@ -33,10 +34,23 @@ class PerplexityResult:
         return asdict(self)
 
 
+@contextmanager
+def no_kv_cache(model: Transformer):
+    """Full-sequence forwards on a model whose generation engine keeps KV caches allocated between calls."""
+    saved = [layer.attention.cache for layer in model.layers]
+    model.clear_caches()
+    try:
+        yield model
+    finally:
+        for layer, cache in zip(model.layers, saved):
+            layer.attention.cache = cache
+
+
 @torch.no_grad()
 def token_logprobs(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
     """ids: (B, T) -> log p(ids[:, t] | ids[:, :t]) for t >= 1, shape (B, T-1), float32."""
-    logits = model(ids[:, :-1])
+    with no_kv_cache(model):
+        logits = model(ids[:, :-1])
     return torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, 1:, None])[..., 0]
 
 
@@ -164,7 +178,7 @@ def make_lm_class():
             ids = whole[-(self.max_length + 1):]
             device = self.llm.model.tok_embeddings.weight.device
             x = torch.tensor([ids], device=device)
-            with torch.no_grad():
+            with torch.no_grad(), no_kv_cache(self.llm.model):
                 logits = self.llm.model(x[:, :-1])[0, -n_cont:]
             target = x[0, -n_cont:]
             lp = F.log_softmax(logits, dim=-1)

@@ -76,7 +76,9 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = self.lora_b(self.lora_a(self.dropout(x.to(self.lora_a.weight.dtype))))
+        # under autocast the matmuls cast anyway: x as it is is what lora_a saves for backward, not a cast copy
+        a_in = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_a.weight.dtype)
+        delta = self.lora_b(self.lora_a(self.dropout(a_in)))
         return self.base(x) + (delta * self.scaling).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -144,15 +146,17 @@ def _to_peft_key(key: str) -> str:
     return f"base_model.model.{hf}.{'lora_A' if which == 'lora_a' else 'lora_B'}.weight"
 
 
-def save_peft(model: Transformer, out: str | os.PathLike, *, base_model: str | None = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors that peft loads onto LlamaForCausalLM."""
+def save_peft(model: Transformer, out: str | os.PathLike, *, base_model: str | None = None,
+              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors that peft loads onto LlamaForCausalLM.
+    `state_dict`: the adapter tensors (herd names) to write instead of the model's own, e.g. gathered from shards."""
     from safetensors.torch import save_file
 
     cfg: LoRAConfig | None = getattr(model, "lora_config", None)
     if cfg is None:
         raise LoRAError("the model has no LoRA adapters")
     tensors = {}
-    for key, w in lora_state_dict(model).items():
+    for key, w in (lora_state_dict(model) if state_dict is None else state_dict).items():
         module, which = _LORA_KEY.match(key).groups()
         if which == "lora_b" and module.endswith(("attention.wq", "attention.wk")):
             heads = model.args.n_heads if module.endswith("wq") else model.args.n_kv_heads
@@ -216,7 +220,7 @@ def load_peft(model: Transformer, adapter: str | os.PathLike) -> Transformer:
 
 
 def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
-                  to: str = "hf", dtype: torch.dtype | None = None) -> Path:
+                  to: str = "hf", dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """`herd merge-lora BASE ADAPTER OUT`: base checkpoint + PEFT adapter -> merged checkpoint (HF or Meta)."""
     from .checkpoint import load_model, save_hf, save_meta
 
@@ -230,8 +234,8 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out: str 
     merge_lora(model)
     target = dtype or base_dtype
     if to == "hf":
-        return save_hf(model, None, out, dtype=target)
-    return save_meta(model, None, out, dtype=target)
+        return save_hf(model, None, out, dtype=target, overwrite=overwrite)
+    return save_meta(model, None, out, dtype=target, overwrite=overwrite)
 
 
 __all__ = ["LoRAConfig", "LoRALinear", "LoRAError", "apply_lora", "lora_parameters", "lora_state_dict", "merge_lora",

@@ -34,7 +34,9 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None 
     the best call is the one that ran with the cores to itself.
     """
     n = n or (8192 if device.type == "cuda" else 2048)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # its own generator: a resumed run's RNG stays as saved
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up
     best, spent = float("inf"), 0.0

@@ -31,6 +31,7 @@ log = logging.getLogger("herd.sft")
 
 MAX_LINE_BYTES = 16 << 20  # one JSONL record; a 100 MB line is a broken file, not a conversation
 POLICIES = ("error", "skip")
+FORMATS = ("auto", "chat", "alpaca")
 
 
 @dataclass
@@ -86,10 +87,15 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
                 yield lineno, DataError(f"invalid JSON ({e})")
 
 
-def record_to_messages(rec: object) -> tuple[list[dict], list | None]:
-    """A chat record {"messages": [...], "tools": [...]?} or an Alpaca record {"instruction", "input"?, "output"}."""
+def record_to_messages(rec: object, fmt: str = "auto") -> tuple[list[dict], list | None]:
+    """A chat record {"messages": [...], "tools": [...]?} or an Alpaca record {"instruction", "input"?, "output"};
+    `fmt` "chat" or "alpaca" accepts only that kind."""
     if not isinstance(rec, dict):
         raise DialogError(f"expected a JSON object, got {type(rec).__name__}")
+    if fmt == "alpaca" and "messages" in rec:
+        raise DialogError("a chat record ('messages') where the format is alpaca")
+    if fmt == "chat" and "messages" not in rec:
+        raise DialogError("a chat record needs 'messages' (the format is chat)")
     if "messages" in rec:
         msgs = rec["messages"]
         if not isinstance(msgs, list):
@@ -180,11 +186,13 @@ class SFTDataset:
 
 def load_sft(
     paths: list[str | os.PathLike], chat: ChatFormat, seq_len: int, *, policy: str = "error",
-    max_logged: int = 5,
+    max_logged: int = 5, fmt: str = "auto",
 ) -> tuple[list[tuple[list[int], list[bool]]], SFTStats]:
-    """Tokenized (ids, mask) samples from JSONL/JSON files, under the bad-data policy."""
+    """Tokenized (ids, mask) samples from JSONL/JSON files, under the bad-data policy; `fmt`: auto | chat | alpaca."""
     if policy not in POLICIES:
         raise DataError(f"bad-data policy must be one of {POLICIES}, got {policy!r}")
+    if fmt not in FORMATS:
+        raise DataError(f"data format must be one of {FORMATS}, got {fmt!r}")
     stats, samples, logged = SFTStats(), [], 0
 
     def bad(where: str, reason: str, kind: str):
@@ -203,7 +211,7 @@ def load_sft(
                 bad(where, str(rec), "malformed")
                 continue
             try:
-                ids, mask = tokenize_dialog(chat, *record_to_messages(rec))
+                ids, mask = tokenize_dialog(chat, *record_to_messages(rec, fmt))
             except DialogError as e:
                 bad(where, str(e), "invalid dialog")
                 continue

@@ -12,18 +12,14 @@ Settings are typed dataclasses read from YAML (configs/*.yaml) plus `key=value` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
-import types
-import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -37,10 +33,7 @@ from .config import ModelArgs, get_config, num_params
 from .data import IGNORE_INDEX, Batch, DataError, Loader, PackedDataset
 from .metrics import Metrics, flops_per_token, measure_matmul_peak
 from .model import Transformer
-
-
-class SettingsError(ValueError):
-    """Run settings that are malformed, unknown or inconsistent; the message names the key."""
+from .settings import SettingsError, apply_overrides, from_dict
 
 
 class TrainingDiverged(RuntimeError):
@@ -122,6 +115,25 @@ class ExportSettings:
     hf: bool = True  # run_dir/hf: config.json + model.safetensors (+ tokenizer when herd may copy it)
     meta: bool = True  # run_dir/meta: params.json + consolidated.00.pth
     dtype: str = "bf16"  # bf16 | fp16 | fp32
+    merged: bool = False  # LoRA/QLoRA: also write the base + adapter merged (hf/meta above) from model.init_from
+
+
+@dataclass
+class FinetuneSettings:
+    """`herd finetune`: chat/Alpaca JSONL in data.paths (see herd.sft), a method, and its adapter settings."""
+
+    method: str = "lora"  # full | lora | qlora (LoRA on a frozen base quantized to qlora_dtype)
+    format: str = "auto"  # auto | chat ({"messages": [...]}) | alpaca ({"instruction", "input", "output"})
+    packing: str = "pack"  # pack: dialogs share rows, block-diagonal attention | pad: one dialog per row
+    bad_data: str = "error"  # error: stop at the first bad record (file:line) | skip: drop it, count and log it
+    max_samples: int | None = None  # use only the first N usable dialogs (before the held-out split)
+    base_dtype: str = "fp32"  # lora/qlora: frozen float weights (embeddings, norms, lora's base) fp32 | bf16
+    lora_rank: int = 16
+    lora_alpha: float = 32.0  # the update is scaled by alpha / rank
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    qlora_dtype: str = "int4"  # int4: groups of qlora_group_size along K (herd.quantize) | int8: per channel
+    qlora_group_size: int = 64  # 32 | 64 | 128 | 256
 
 
 @dataclass
@@ -142,83 +154,15 @@ class RunSettings:
     log: LogSettings = field(default_factory=LogSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    finetune: FinetuneSettings | None = None  # set by `herd finetune` configs; None: pretraining
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _coerce(tp, value, key: str):
-    """`value` as type `tp` (int, float, bool, str, list[str], dict, Optional, nested dataclass) or SettingsError."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return settings_from_dict(value, tp, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list):
-            return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    elif tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    name = getattr(tp, "__name__", str(tp))
-    raise SettingsError(f"{key}: expected {name}, got {value!r}")
-
-
 def settings_from_dict(d: dict | None, cls=RunSettings, prefix: str = ""):
     """Build a settings dataclass from a plain dict; unknown keys and wrong types are SettingsErrors."""
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise SettingsError(f"{prefix.rstrip('.') or 'settings'}: expected a mapping, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in d:
-        if k not in names:
-            raise SettingsError(f"unknown setting {prefix}{k} (known in {prefix.rstrip('.') or 'the top level'}: "
-                                f"{', '.join(names)})")
-    return cls(**{k: _coerce(hints[k], v, prefix + k) for k, v in d.items()})
-
-
-def apply_overrides(d: dict, overrides: list[str]) -> dict:
-    """Set dotted `key=value` pairs (values parsed as YAML) into a nested settings dict."""
-    d = json.loads(json.dumps(d))  # deep copy of plain data
-    for item in overrides:
-        key, eq, raw = item.partition("=")
-        if not eq or not key.strip():
-            raise SettingsError(f"override {item!r} is not KEY=VALUE (e.g. optim.lr=1e-3)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise SettingsError(f"override {item!r}: bad value ({e})") from None
-        node, parts = d, key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise SettingsError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = value
-    return d
+    return from_dict(d, cls, prefix)
 
 
 def load_settings(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> RunSettings:
@@ -271,6 +215,10 @@ def validate(s: RunSettings) -> None:
     if not s.model.init_from:  # unknown names or override keys fail here, before any data is read
         ctx = model_args(s).max_seq_len
         need(dt.seq_len <= ctx, f"data.seq_len {dt.seq_len} exceeds the model context {ctx} (max_seq_len)")
+    if s.finetune is not None:
+        from .finetune import validate_finetune
+
+        validate_finetune(s)
 
 
 def model_args(s: RunSettings) -> ModelArgs:
@@ -280,7 +228,7 @@ def model_args(s: RunSettings) -> ModelArgs:
 
 # Settings that make a checkpoint a different run: resuming with other values is refused.
 RUN_DEFINING = ("seed", "model", "data.paths", "data.tokenizer", "data.seq_len", "data.val_fraction",
-                "data.patterns", "data.bos", "data.eos", "train.batch_size")
+                "data.patterns", "data.bos", "data.eos", "train.batch_size", "finetune")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -343,8 +291,10 @@ def build_model(s: RunSettings, mesh, device: torch.device) -> Transformer:
 
 
 def build_optimizer(model: Transformer, o: OptimSettings) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW over the trainable parameters only (a LoRA model's frozen base is not in it)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # the fused kernel updates each tensor in one pass (CPU and CUDA): ~4x less optimizer time than foreach on CPU
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
@@ -419,9 +369,13 @@ def _check_vocab(tok, args: ModelArgs) -> None:
                             "(data.tokenizer: bytes has 512, the Llama 3 vocabulary 128256)")
 
 
-def causal_lm_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy of (B, T) inputs against (B, T) labels (IGNORE_INDEX: no loss)."""
-    logits = model(inputs)  # (B, T, V) float32
+def causal_lm_loss(model, inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None):
+    """Summed next-token cross-entropy of (B, T) inputs against (B, T) labels (IGNORE_INDEX: no loss). Packed rows
+    pass `positions` (restarting at 0 per document): RoPE positions + a block-diagonal causal mask."""
+    if positions is None:
+        logits = model(inputs)  # (B, T, V) float32
+    else:
+        logits = model(inputs, input_pos=positions, mask=data_mod.document_mask(positions))
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -435,8 +389,10 @@ def forward_backward(model, micro: list[Batch], scale: float, autocast, device, 
     """Summed loss over the micro-batches (a float64 scalar); the gradients of sum * scale accumulate."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for b in micro:
+        extra = () if b.positions is None else (b.positions.to(device, non_blocking=True),)
         with autocast:
-            loss = loss_fn(model, b.inputs.to(device, non_blocking=True), b.labels.to(device, non_blocking=True))
+            loss = loss_fn(model, b.inputs.to(device, non_blocking=True), b.labels.to(device, non_blocking=True),
+                           *extra)
         (loss * scale).backward()
         loss_sum += loss.detach()
         del loss
@@ -444,7 +400,8 @@ def forward_backward(model, micro: list[Batch], scale: float, autocast, device, 
 
 
 @torch.no_grad()
-def evaluate(model, val_ds, s: RunSettings, device, dp_rank: int, dp: int, group, autocast) -> float | None:
+def evaluate(model, val_ds, s: RunSettings, device, dp_rank: int, dp: int, group, autocast,
+             loss_fn=causal_lm_loss) -> float | None:
     """Mean loss over the first eval.sequences held-out sequences: the same set whatever the number of ranks."""
     n = min(s.eval.sequences, len(val_ds))
     n -= n % dp  # every rank runs the same number of forwards (FSDP's collectives need it)
@@ -454,16 +411,15 @@ def evaluate(model, val_ds, s: RunSettings, device, dp_rank: int, dp: int, group
     tot = torch.zeros(2, dtype=torch.float64, device=device)
     model.eval()
     for i in range(0, len(mine), s.train.micro_batch):
-        samples = [val_ds[j] for j in mine[i : i + s.train.micro_batch]]
-        inputs = torch.from_numpy(np.stack([x for x, _ in samples])).to(device)
-        labels = torch.from_numpy(np.stack([y for _, y in samples])).to(device)
+        b = data_mod.collate([val_ds[j] for j in mine[i : i + s.train.micro_batch]])
+        labels = b.labels.to(device)
+        positions = None if b.positions is None else b.positions.to(device)
         with autocast:
-            logits = model(inputs)
-        tot[0] += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            tot[0] += loss_fn(model, b.inputs.to(device), labels, *([] if positions is None else [positions]))
         tot[1] += (labels != IGNORE_INDEX).sum()
     model.train()
     _all_reduce_sum(tot, group)
-    return (tot[0] / tot[1]).item()
+    return (tot[0] / tot[1].clamp(min=1)).item()
 
 
 def train(s: RunSettings) -> TrainResult:
@@ -496,15 +452,19 @@ def _train(s: RunSettings, env) -> TrainResult:
     run_dir, ckpt_dir = Path(s.run_dir), Path(s.run_dir) / "checkpoints"
     torch.manual_seed(s.seed + env.rank)
 
-    loader, val_ds, tok = _prepare_data(s, env, dp_rank, dp, say)
-    model = build_model(s, mesh, env.device)
+    ft = None
+    if s.finetune is not None:  # herd finetune: SFT data, LoRA/QLoRA models, adapter checkpoints and exports
+        from . import finetune as ft
+    loader, val_ds, tok = (ft.prepare_data if ft else _prepare_data)(s, env, dp_rank, dp, say)
+    model = (ft.build_model if ft else build_model)(s, mesh, env.device)
     args = model.args
     _check_vocab(tok, args)
     if s.data.seq_len > args.max_seq_len:
         raise SettingsError(f"data.seq_len {s.data.seq_len} exceeds the model context {args.max_seq_len}")
     optimizer = build_optimizer(model, s.optim)
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_fn = loss_function(s, mesh)
+    trainable_only = len(params) < len(list(model.parameters()))  # adapters: checkpoint only what trains
+    loss_fn = ft.loss_function(s, mesh) if ft else loss_function(s, mesh)
 
     # ---- resume
     start, tokens_seen, last_ckpt = 0, 0, None
@@ -514,7 +474,7 @@ def _train(s: RunSettings, env) -> TrainResult:
     if s.checkpoint.resume == "never" and latest is not None:
         raise SettingsError(f"{ckpt_dir} already has checkpoints and checkpoint.resume=never: use a new run_dir")
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, model, optimizer)
+        state = ckpt.load_checkpoint(latest, model, optimizer, trainable_only=trainable_only)
         fixed, other = settings_changes(state.get("settings", {}), s.to_dict())
         if fixed:
             raise SettingsError(f"{latest} was trained with different {', '.join(fixed)}: resume with the same "
@@ -535,14 +495,15 @@ def _train(s: RunSettings, env) -> TrainResult:
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
     compute_dtype = torch.bfloat16 if s.train.mixed_precision == "bf16" else torch.float32
     peak = measure_matmul_peak(env.device, compute_dtype)
-    fpt = flops_per_token(args, s.data.seq_len)
+    fpt = ft.flops_per_token(s, args) if ft else flops_per_token(args, s.data.seq_len)
     tokens_per_step = s.train.batch_size * s.data.seq_len
-    say(f"model: {num_params(args):,} parameters; {env.world} rank(s) (dp {dp} x tp {s.parallel.tp}) on "
-        f"{env.device.type}; {tokens_per_step:,} tokens/step in {accum} micro-batch(es) of {s.train.micro_batch}; "
+    say(f"model: {num_params(args):,} parameters ({sum(p.numel() for p in params):,} trained); {env.world} rank(s) "
+        f"(dp {dp} x tp {s.parallel.tp}) on {env.device.type}; {tokens_per_step:,} tokens/step in {accum} "
+        f"micro-batch(es) of {s.train.micro_batch}; "
         f"matmul peak {peak / 1e12:.2f} TFLOP/s ({compute_dtype})")
 
     metrics = Metrics(run_dir, env.is_main, s.log.tensorboard, start)
-    bar = tqdm(total=s.train.steps, initial=start, desc="pretrain", unit="step",
+    bar = tqdm(total=s.train.steps, initial=start, desc="finetune" if ft else "pretrain", unit="step",
                disable=not (env.is_main and s.log.progress))
     losses: dict[int, float] = {}
     val_loss = None
@@ -558,7 +519,7 @@ def _train(s: RunSettings, env) -> TrainResult:
             n_tok = _all_reduce_sum(torch.tensor(float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro)),
                                                  device=env.device), dp_group)
             loss_sum = forward_backward(model, micro, dp / max(n_tok.item(), 1.0), autocast, env.device, loss_fn)
-            loss_val = (_all_reduce_sum(loss_sum, dp_group) / n_tok).item()
+            loss_val = (_all_reduce_sum(loss_sum, dp_group) / n_tok.clamp(min=1.0)).item()  # 0 tokens: 0, not NaN
             gnorm = parallel.clip_grad_norm_(params, s.optim.grad_clip).item()
             if not (math.isfinite(loss_val) and math.isfinite(gnorm)):
                 metrics.log(step, event="diverged", loss=loss_val, grad_norm=gnorm, lr=lr)
@@ -575,26 +536,31 @@ def _train(s: RunSettings, env) -> TrainResult:
             mfu = fpt * tps / (peak * env.world)
             losses[step] = loss_val
             metrics.log(step, loss=loss_val, lr=lr, grad_norm=gnorm, tokens=tokens_seen, tokens_per_s=tps, mfu=mfu,
-                        step_time=dt)
+                        step_time=dt, loss_tokens=int(n_tok.item()))
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}")
 
             last = step == s.train.steps
             if (s.eval.every and step % s.eval.every == 0) or last:
-                val_loss = evaluate(model, val_ds, s, env.device, dp_rank, dp, dp_group, autocast)
+                val_loss = evaluate(model, val_ds, s, env.device, dp_rank, dp, dp_group, autocast,
+                                    loss_fn if ft else causal_lm_loss)
                 if val_loss is not None:
                     metrics.log(step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 80.0)))
                     say(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 80.0)):.2f}")
             if (s.checkpoint.every and step % s.checkpoint.every == 0) or last:
                 state = {"tokens_seen": tokens_seen, "loader": loader.state_dict(), "settings": s.to_dict(),
                          "loss": loss_val, "lr": lr}
-                last_ckpt = ckpt.save_checkpoint(ckpt_dir, step, model, optimizer, state, keep=s.checkpoint.keep)
+                last_ckpt = ckpt.save_checkpoint(ckpt_dir, step, model, optimizer, state, keep=s.checkpoint.keep,
+                                                 trainable_only=trainable_only)
     finally:
         bar.close()
         metrics.close()
 
     formats = [f for f in ("hf", "meta") if getattr(s.export, f)]
-    exports = ckpt.export_weights(model, run_dir, formats, s.export.dtype, s.data.tokenizer) if formats else []
+    if ft and trainable_only:
+        exports = ft.export_adapter(model, s, run_dir, formats)
+    else:
+        exports = ckpt.export_weights(model, run_dir, formats, s.export.dtype, s.data.tokenizer) if formats else []
     for p in exports:
         say(f"exported {p}")
     return TrainResult(run_dir, max(start, s.train.steps), losses, val_loss, last_ckpt, exports)

@@ -241,8 +241,12 @@ def run_cli(args) -> int:
     from ..config import CONFIGS
 
     if not args.model:
-        raise ValueError("no model given: pass --model PATH (an HF or Meta folder, a .gguf file or `herd quantize` "
-                         "output), or --model CONFIG --random-weights for a demo with random weights")
+        if args.random_weights:
+            raise ValueError("--random-weights needs --model CONFIG (e.g. tiny-llama3-vocab)")
+        from ..default_model import resolve
+
+        args.model = resolve(None)
+        args.served_model_name = args.served_model_name or "herd-shakespeare"
     api_key = args.api_key or os.environ.get("HERD_API_KEY") or None
     check_bind(args.host, api_key, args.insecure)  # before the (slow) load
     if args.random_weights:
