@@ -216,7 +216,7 @@ def test_bind_policy_and_cli_flags(capsys):
         check_bind("0.0.0.0", None, False)
     assert main(["serve", "--model", MODEL, "--random-weights", "--host", "0.0.0.0"]) == 2
     assert "without an API key" in capsys.readouterr().err
-    assert main(["serve"]) == 2 and "--model" in capsys.readouterr().err
+    assert main(["serve", "--random-weights"]) == 2 and "--model" in capsys.readouterr().err
     assert main(["serve", "--model", "not-a-config", "--random-weights"]) == 2
     for bad in (["--port", "0"], ["--port", "70000"], ["--max-batch", "0"], ["--max-seq-len", "-1"]):
         with pytest.raises(SystemExit) as e:
