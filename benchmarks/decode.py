@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from herd.checkpoint import meta_to_hf  # noqa: E402
+from herd.checkpoint import load_model, meta_to_hf  # noqa: E402
 from herd.config import get_config, kv_cache_bytes_per_token  # noqa: E402
 from herd.generate import Engine, SamplingParams  # noqa: E402
 from herd.model import Transformer  # noqa: E402
@@ -158,6 +158,7 @@ def hf_prefill(hf, prompt: list[int], repeats: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="llama-3.2-1b", help="model shape (default llama-3.2-1b)")
+    ap.add_argument("--model", help="a checkpoint (HF/Meta folder or .gguf) instead of random weights of --config")
     ap.add_argument("--layers", type=int, help="override n_layers (smaller runs; the output head keeps its size)")
     ap.add_argument("--dim", type=int, help="override dim (with --heads, for smoke runs)")
     ap.add_argument("--heads", type=int)
@@ -186,23 +187,29 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     GATE.update(gb_s=a.gate, timeout=a.gate_timeout)
 
-    args = get_config(a.config)
+    loaded = load_model(a.model, dtype=torch.bfloat16).eval() if a.model else None
+    args = loaded.args if loaded is not None else get_config(a.config)
     changes = {k: v for k, v in (("n_layers", a.layers), ("dim", a.dim), ("n_heads", a.heads),
                                  ("vocab_size", a.vocab)) if v}
     if "n_heads" in changes:
         changes["n_kv_heads"] = max(1, changes["n_heads"] // 4)
     args = args.replace(**changes) if changes else args
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {a.threads} threads, torch {torch.__version__}",
-                 "config": a.config, "overrides": changes, "kernels": cpu_kernels()}
+                 "config": a.model or a.config, "overrides": changes, "kernels": cpu_kernels()}
     bw = read_bandwidth(a.bw_mib, max(3, a.repeats))
     res["bandwidth_gb_s"] = bw
     BW = max(bw.values()) * 1e9
     print(f"# {res['machine']}; read bandwidth {', '.join(f'{k} {v:.1f}' for k, v in bw.items())} GB/s "
           f"(roofline uses {BW / 1e9:.1f})", flush=True)
 
-    base = Transformer(args)
-    base.init_weights()
-    base = base.to(torch.bfloat16).eval()
+    if loaded is not None and not changes:
+        base = loaded
+    else:
+        if loaded is not None:
+            print("# shape overrides given: random weights of the checkpoint's shape", flush=True)
+        base = Transformer(args)
+        base.init_weights()
+        base = base.to(torch.bfloat16).eval()
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, args.vocab_size, (a.prompt,), generator=g).tolist()
     long_prompt = torch.randint(0, args.vocab_size, (a.prefill,), generator=g).tolist()
@@ -259,7 +266,7 @@ def main(argv=None) -> int:
 
     if not a.no_quant:
         print(f"## weight-only quantization (int4 group size {a.group_size})", flush=True)
-        q_rates = {}
+        q_rates, c_rates = {}, {}
         for dtype in ("int8", "int4"):
             m = copy.deepcopy(base)
             restore_linears(m)
@@ -268,14 +275,19 @@ def main(argv=None) -> int:
             s = herd_decode(m, prompt, a.new, a.repeats)
             q_rates[dtype] = s["decode_tok_s"]
             add(f"herd {dtype} eager, herd kernels", s["decode_tok_s"], nbytes)
-            if a.compile and dtype == "int4":  # the smallest weights: per-token overheads matter most here
+            if a.compile:  # smaller weights: the per-token overheads that compile removes matter more
                 m.clear_caches()
                 s, compile_s = compiled_decode(m, prompt, a.new, a.repeats)
+                c_rates[dtype] = s["decode_tok_s"]
                 add(f"herd {dtype} compiled, herd kernels", s["decode_tok_s"], nbytes, f"(compile {compile_s:.0f} s)")
             del m
             gc.collect()
         res["int4_over_int8"] = q_rates["int4"] / q_rates["int8"]
-        print(f"  int4 / int8 decode: {res['int4_over_int8']:.2f}x", flush=True)
+        print(f"  int4 / int8 decode: {res['int4_over_int8']:.2f}x eager", end="", flush=True)
+        if c_rates:
+            res["int4_over_int8_compiled"] = c_rates["int4"] / c_rates["int8"]
+            print(f", {res['int4_over_int8_compiled']:.2f}x compiled", end="")
+        print(flush=True)
     res["rows"] = rows
     bw_end = read_bandwidth(a.bw_mib, max(3, a.repeats))
     res["bandwidth_end_gb_s"] = bw_end

@@ -83,6 +83,8 @@ def test_kernels_match_the_dequantized_reference(rows, dtype):
         p, sc, mn = quantize_int4(w, gs)
         got = torch.ops.herd.linear_int4(x, p, sc, mn, gs).float()
         assert torch.allclose(got, xr @ dequantize_int4(p, sc, mn, gs).T, **tol), gs
+        deq = torch.ops.herd.dequantize_int4(p, sc, mn, gs)  # the prefill path
+        assert torch.equal(deq, dequantize_int4(p, sc, mn, gs).bfloat16()), gs
 
 
 @needs_kernels

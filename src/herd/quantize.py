@@ -93,9 +93,13 @@ def _register_fakes() -> None:
     def fake(x, w, *rest):
         return x.new_empty(x.shape[0], w.shape[0])
 
-    for name in ("linear_bf16", "linear_int8", "linear_int4"):
+    def fake_dequantize(w, scales, mins, group_size):
+        return w.new_empty(w.shape[0], w.shape[1] * 2, dtype=torch.bfloat16)
+
+    for name, fn in (("linear_bf16", fake), ("linear_int8", fake), ("linear_int4", fake),
+                     ("dequantize_int4", fake_dequantize)):
         try:
-            torch.library.register_fake(f"herd::{name}")(fake)
+            torch.library.register_fake(f"herd::{name}")(fn)
         except RuntimeError:  # already registered in this process
             pass
 
@@ -111,8 +115,9 @@ def _self_test() -> bool:
                          atol=1e-2, rtol=1e-2)
     for gs in (32, 64):
         p, sc, mn = quantize_int4(w, gs)
-        ref = x.float() @ dequantize_int4(p, sc, mn, gs).T
-        ok &= torch.allclose(torch.ops.herd.linear_int4(x, p, sc, mn, gs).float(), ref, atol=2e-2, rtol=2e-2)
+        deq = dequantize_int4(p, sc, mn, gs)
+        ok &= torch.allclose(torch.ops.herd.linear_int4(x, p, sc, mn, gs).float(), x.float() @ deq.T, atol=2e-2, rtol=2e-2)
+        ok &= torch.allclose(torch.ops.herd.dequantize_int4(p, sc, mn, gs).float(), deq, atol=1e-2, rtol=1e-2)
     if not ok:
         log.warning("herd CPU kernels failed their self-test; using the PyTorch path")
     return bool(ok)
@@ -254,6 +259,9 @@ class Int4Linear(nn.Module):
         if _kernel_ok(x, 64):
             y = torch.ops.herd.linear_int4(_rows(x), self.weight, self.scales, self.mins, self.group_size)
             return y.view(*x.shape[:-1], self.out_features)
+        if x.device.type == "cpu" and x.shape[-1] % 64 == 0 and cpu_kernels():  # prefill: one-pass dequantize
+            w = torch.ops.herd.dequantize_int4(self.weight, self.scales, self.mins, self.group_size)
+            return F.linear(x, w.to(x.dtype))
         return F.linear(x, dequantize_int4(self.weight, self.scales, self.mins, self.group_size, x.dtype))
 
     def extra_repr(self) -> str:
