@@ -128,9 +128,10 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
 # ---- the two model steps ------------------------------------------------------------------------------------
 
 
-def prefill(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor, kv_len: int):
-    """tokens, input_pos (B, T); last (B, 1) index of each row's final prompt token -> (B, V) fp32 logits."""
-    return model(tokens, input_pos, kv_len=kv_len, logits_idx=last)[:, 0]
+def prefill(model: Transformer, tokens: torch.Tensor, last: torch.Tensor):
+    """tokens (B, T), right-padded prompts at positions 0..T-1; last (B, 1) index of each row's final prompt token
+    -> (B, V) fp32 logits. Causal attention over the T slots is exact for every row: pads only follow real tokens."""
+    return model(tokens, logits_idx=last)[:, 0]
 
 
 def decode_one(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int):
@@ -266,7 +267,7 @@ class Engine:
         t_first, steps, emitted = None, 0, 0
         done = [False] * bsz
         try:
-            logits = self._prefill(self.model, tokens, input_pos, (pos - 1)[:, None], kv_len)
+            logits = self._prefill(self.model, tokens, (pos - 1)[:, None])
             for step in range(max_new_tokens):
                 if step:  # feed the previous token at its position (prompt length + step - 1)
                     logits = self._decode(self.model, cur[:, None], pos[:, None], kv_len)
