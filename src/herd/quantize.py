@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -423,20 +422,13 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
 # ---- perplexity and the quantize command --------------------------------------------------------------------
 
 
-@torch.no_grad()
-def perplexity(model: Transformer, ids: list[int], chunk: int = 512) -> float:
-    """Mean next-token perplexity of `ids` in non-overlapping windows of `chunk` tokens (no KV cache)."""
+def perplexity(model: Transformer, ids: list[int], window: int = 512) -> float:
+    """Perplexity of `ids` in windows of `window` tokens that score fresh tokens only (evaluate.perplexity)."""
+    from .evaluate import perplexity as strided
+
     model.clear_caches()
-    nll, count = 0.0, 0
-    dev = model.tok_embeddings.weight.device
-    for start in range(0, len(ids) - 1, chunk):
-        window = torch.tensor(ids[start : start + chunk + 1], device=dev)
-        if len(window) < 2:
-            break
-        logits = model(window[None, :-1])[0]
-        nll += F.cross_entropy(logits, window[1:], reduction="sum").item()
-        count += len(window) - 1
-    return math.exp(nll / max(count, 1))
+    window = max(2, min(window, len(ids), model.args.max_seq_len))
+    return strided(model, ids, window=window, stride=window - 1).perplexity
 
 
 def default_eval_text() -> str:
