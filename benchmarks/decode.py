@@ -245,6 +245,11 @@ def main(argv=None) -> int:
         print(f"## prefill: {a.prefill}-token prompt, time to first token", flush=True)
         hp = herd_prefill(base, long_prompt, a.repeats)
         res["prefill_tok_s"] = {"herd": hp}
+        # FLOPs per prompt token: 2 per weight of the layers (the head runs on the last token only) + causal
+        # attention, QK^T and PV over T/2 keys on average: 2 * 2 * n_layers * (n_heads * head_dim) * T/2
+        layer_weights = sum(p.numel() for n, p in base.layers.named_parameters() if not n.endswith("norm.weight"))
+        res["prefill_flops_per_token"] = 2 * layer_weights + 2 * args.n_layers * args.n_heads * args.head_dim * a.prefill
+        res["prefill_tokens"] = a.prefill
         print(f"  herd bf16          {hp:8.1f} tok/s", flush=True)
         if hf is not None:
             tp = hf_prefill(hf, long_prompt, a.repeats)

@@ -109,7 +109,7 @@ def reference(args) -> list[tuple[str, float]]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--requests", type=int, default=2, help="requests per client, back to back (default 2)")
@@ -120,8 +120,9 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--json", help="also write the results (levels, speedups, reference rows) to this file")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.serve:
         return serve_main(args)
 
@@ -161,6 +162,13 @@ def main() -> None:
               f"{speed} | {r['ttft_ms']:.0f} |")
     for name, tps in refs:
         print(f"| {name} | | | {tps:.0f} | | {tps / base:.1f}x |  |" if base else f"| {name} | | | {tps:.0f} | | | |")
+    if args.json:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+        res = {"machine": machine, "model": MODEL, "dim": args.dim, "layers": args.layers, "tokens": args.tokens,
+               "requests": args.requests, "server_threads": args.threads, "max_batch": args.max_batch,
+               "levels": [{**r, "vs_one_client": r["tok_s"] / base if base else None} for r in rows],
+               "references": [{"name": n, "tok_s": t, "vs_one_client": t / base if base else None} for n, t in refs]}
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ bf16 matmul peak measured at the start of the run.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per engine (compilation happens here)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-compile", action="store_true", help="skip the two torch.compile rows")
+    ap.add_argument("--json", help="also write the results (engines, ratios, MFU) to this file")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,14 +149,26 @@ def main(argv=None) -> int:
           f"best of {args.steps} steps\n")
     print("| engine | best step (s) | median step (s) | tokens/s | MFU | vs transformers |")
     print("|---|---|---|---|---|---|")
+    rows = []
     for name, ts in times.items():
         t = min(ts)
+        rows.append({"engine": name, "compiled": "compile" in name, "transformers": name.startswith("transformers"),
+                     "best_step_s": t, "median_step_s": statistics.median(ts), "tok_s": tokens / t,
+                     "mfu": fpt * tokens / t / peak, "vs_transformers_eager": base / t, "step_s": ts})
         print(f"| {name} | {t:.3f} | {statistics.median(ts):.3f} | {tokens / t:,.0f} | {fpt * tokens / t / peak:.1%} "
               f"| {base / t:.2f}x |")
     print("\nstep times (s): " + "; ".join(f"{k.split(' (')[0]}{' compiled' if 'compile' in k else ''} "
                                           + " ".join(f"{t:.2f}" for t in ts) for k, ts in times.items()))
     print("loss at the first step (same init scale, different random weights): "
           + ", ".join(f"{k} {v:.3f}" for k, v in first_loss.items()))
+    if args.json:
+        res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                          f"torch {torch.__version__}",
+               "shape": {k: v for k, v in vars(args).items() if k not in ("json", "threads")},
+               "params": num_params(margs), "tokens_per_step": tokens, "flops_per_token": fpt,
+               "matmul_peak_flops": peak, "rows": rows, "first_loss": first_loss}
+        with open(args.json, "w") as f:
+            f.write(json.dumps(res, indent=2) + "\n")
     return 0
 
 

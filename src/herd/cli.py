@@ -434,6 +434,35 @@ def _quantize(args) -> int:
     return 0
 
 
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="machine fingerprint + decode, prefill, training and server benchmarks, "
+                                     "one table")
+    p.add_argument("--model", help="checkpoint for the decode benchmark (default: random Llama-3.2-1B weights)")
+    p.add_argument("--only", help="comma-separated subset of decode,train,serve (default: all)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller shapes, for minutes rather than the scripts' "
+                                                           "defaults (whose decode run alone is ~10 min on 2 cores)")
+    size.add_argument("--smoke", action="store_true", help="tiny shapes: seconds (checks that everything runs)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: also fingerprint the GPU (the benchmark scripts run on the CPU)")
+    p.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", help="also write the fingerprint, rows and each script's results to this file")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args) -> int:
+    from .bench import format_report, run_bench
+
+    report = run_bench(only=args.only, preset="smoke" if args.smoke else "quick" if args.quick else "full",
+                       model=args.model, device=args.device, threads=args.threads,
+                       log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    return 0 if report.ok else 1
+
+
 def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a model: OpenAI and Ollama APIs, continuous batching, web playground")
     p.add_argument("--model", help="checkpoint: HF or Meta folder, .gguf file, or `herd quantize` output")

@@ -1,0 +1,137 @@
+"""`herd bench`: the fingerprint, the table built from each benchmark script's JSON, and failed children."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from herd import bench
+from herd.cli import main
+
+
+@pytest.fixture(scope="module")
+def fp():
+    return bench.fingerprint("cpu", preset="smoke")
+
+
+def test_fingerprint_fields_are_measured(fp):
+    assert fp.device == "cpu" and fp.processor and fp.torch and fp.gpu is None
+    assert fp.threads >= 1 and fp.cpu_count >= 1 and fp.buffer_mib == 256
+    assert set(fp.matmul_tflops) == {"bf16", "fp32"} and all(v > 0 for v in fp.matmul_tflops.values())
+    assert "torch_sum" in fp.bandwidth_gb_s and all(v > 0 for v in fp.bandwidth_gb_s.values())
+    assert ("herd_read" in fp.bandwidth_gb_s) == fp.kernels
+
+
+def test_cuda_fingerprint():
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(bench.BenchError, match="no CUDA device"):
+            bench.fingerprint("cuda", preset="smoke")
+        return
+    g = bench.fingerprint("cuda", preset="smoke").gpu
+    assert g["name"] and g["bandwidth_gb_s"]["cuda_copy"] > 0 and g["matmul_tflops"]["bf16"] > 0
+
+
+def test_cli_smoke_runs_every_benchmark(tmp_path):
+    """The real scripts at their smoke sizes, through the installed command line."""
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "herd", "bench", "--smoke", "--only", "decode,train,serve", "--json",
+                        str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    table = [ln for ln in p.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| benchmark")]
+    benches = [ln.split("|")[1].strip() for ln in table]
+    # decode: F.linear, herd kernels, int8, int4; then prefill; train: eager (smoke skips compile); serve: 4 clients
+    assert benches == ["decode"] * 4 + ["prefill", "train", "serve"], p.stdout
+    assert "FAILED" not in p.stdout and "of memory roofline" in p.stdout and "MFU" in p.stdout
+    assert "64-token prompt" in p.stdout and "of bf16 matmul peak" in p.stdout
+    for stage in ("decode", "train", "serve"):  # progress lines
+        assert f"{stage}: done" in p.stderr
+    res = json.loads(out.read_text())
+    assert res["ok"] and res["preset"] == "smoke"
+    assert res["fingerprint"]["matmul_tflops"]["bf16"] > 0 and res["fingerprint"]["bandwidth_gb_s"]["torch_sum"] > 0
+    assert p.stdout.startswith(f"# herd bench (smoke): {res['fingerprint']['processor']}")
+    assert set(res["stages"]) == {"decode", "train", "serve"} and all(s["ok"] for s in res["stages"].values())
+    rows = res["rows"]
+    assert all(r["value"] > 0 and r["ratio"] > 0 and r["baseline_value"] > 0 for r in rows)
+    serve = res["stages"]["serve"]["result"]["levels"]
+    assert rows[-1]["ratio"] == pytest.approx(serve[1]["tok_s"] / serve[0]["tok_s"])
+    train = res["stages"]["train"]["result"]
+    herd_row, hf_row = train["rows"]
+    assert rows[5]["ratio"] == pytest.approx(herd_row["tok_s"] / hf_row["tok_s"])
+
+
+def test_bad_only_is_a_clear_error(capsys):
+    with pytest.raises(bench.BenchError, match="unknown benchmark gpu"):
+        bench.parse_only("decode,gpu")
+    assert bench.parse_only("serve, decode") == ["decode", "serve"]
+    assert main(["bench", "--smoke", "--only", "prefill"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark prefill" in err and "decode stage" in err and "Traceback" not in err
+
+
+def _script(path, body: str) -> None:
+    path.write_text(textwrap.dedent(body))
+
+
+DECODE_JSON = {
+    "rows": [
+        {"name": "herd bf16 eager, herd kernels", "tok_s": 20.0, "roofline_frac": 0.5, "note": ""},
+        {"name": "transformers bf16 eager", "tok_s": 8.0, "roofline_frac": 0.2, "note": ""},
+        {"name": "herd int8 eager, herd kernels", "tok_s": 32.0, "roofline_frac": 0.4, "note": ""},
+        {"name": "herd int4 eager, herd kernels", "tok_s": 50.0, "roofline_frac": 0.25, "note": ""},
+    ],
+    "prefill_tok_s": {"herd": 300.0, "transformers": 200.0},
+}
+
+
+def test_rows_failed_children_and_exit_code(tmp_path, monkeypatch, capsys):
+    """Fake scripts: one writes known JSON (the table's arithmetic), one crashes, one exits 0 without results."""
+    _script(tmp_path / "decode.py", f"""
+        import json, sys
+        json.dump({DECODE_JSON!r}, open(sys.argv[sys.argv.index("--json") + 1], "w"))
+    """)
+    _script(tmp_path / "train.py", """
+        import sys
+        print("warming up")
+        sys.exit("RuntimeError: out of memory in the training step")
+    """)
+    _script(tmp_path / "serve.py", "print('forgot the json')\n")
+    lines = []
+    report = bench.run_bench(preset="smoke", bench_dir=tmp_path, log=lines.append)
+    assert not report.ok
+    assert [(r.bench, r.what) for r in report.rows] == [
+        ("decode", "bf16 eager, herd kernels"), ("decode", "int8 eager, herd kernels"),
+        ("decode", "int4 eager, herd kernels"),
+        ("prefill", "bf16, time to first token"), ("train", "FAILED"), ("serve", "FAILED")]
+    # bf16 vs transformers; int8 vs herd bf16 and int4 vs herd int8, in the same mode
+    assert [r.ratio for r in report.rows[:4]] == pytest.approx([2.5, 1.6, 50 / 32, 1.5])
+    assert report.rows[2].baseline == "herd int8 eager"
+    assert report.rows[4].error == "exit code 1: RuntimeError: out of memory in the training step"
+    assert report.rows[5].error == "wrote no JSON results: forgot the json"
+    assert "    warming up" in lines and any(ln.startswith("[2/3] train: FAILED") for ln in lines)
+    table = bench.format_report(report)
+    assert "| decode | bf16 eager, herd kernels | 20.0 tok/s | transformers bf16 8.0 tok/s | 2.50x | " \
+           "50.0% of memory roofline |" in table
+    assert "| train | **FAILED** | - | - | - | exit code 1: RuntimeError: out of memory" in table
+    d = report.to_dict()
+    assert not d["ok"] and d["stages"]["train"]["returncode"] == 1 and "warming up" in d["stages"]["train"]["tail"]
+
+    # the command line: a failed stage is a row and exit code 1, not a traceback
+    monkeypatch.setattr(bench, "benchmarks_dir", lambda: tmp_path)
+    assert main(["bench", "--smoke", "--only", "train"]) == 1
+    out = capsys.readouterr()
+    assert "| train | **FAILED** |" in out.out and "Traceback" not in out.err
+    with pytest.raises(bench.BenchError, match="no decode.py"):
+        bench.run_bench(only="decode", preset="smoke", bench_dir=tmp_path / "empty")
+
+
+def test_bad_model_path_is_a_failed_decode_row(tmp_path):
+    """The real decode script given a checkpoint that does not exist."""
+    p = subprocess.run([sys.executable, "-m", "herd", "bench", "--smoke", "--only", "decode", "--model",
+                        str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "| decode | **FAILED** |" in p.stdout and "no such file" in p.stdout
+    assert p.stderr.rstrip().splitlines()[-1].startswith("[1/1] decode: FAILED")  # herd itself did not crash
