@@ -13,6 +13,9 @@ import os
 import sys
 
 
+from .cli_train import add_finetune, add_plot, add_pretrain  # noqa: F401  (registered by build_parser)
+
+
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
@@ -290,81 +293,6 @@ def _chat_template(args) -> int:
         messages, tools, add_generation_prompt=not args.no_generation_prompt, today=args.date
     )
     _print_json({"text": tok.decode(ids), "ids": ids})
-    return 0
-
-
-def add_pretrain(sub) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a model on text files from a YAML run config (also under torchrun)")
-    p.add_argument("--config", required=True, help="YAML run settings, e.g. configs/pretrain-tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="override settings, e.g. optim.lr=1e-3 train.steps=200")
-    p.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
-    p.set_defaults(func=_pretrain)
-
-
-def _pretrain(args) -> int:
-    import yaml
-
-    from .train import TrainingDiverged, load_settings, train
-
-    settings = load_settings(args.config, args.overrides)
-    if settings.finetune is not None:
-        raise CLIError(f"{args.config} has a finetune section: run it with `herd finetune`")
-    if args.print_config:
-        print(yaml.safe_dump(settings.to_dict(), sort_keys=False), end="")
-        return 0
-    try:
-        result = train(settings)
-    except TrainingDiverged as e:
-        print(f"herd pretrain: stopped: {e}", file=sys.stderr)
-        return 3
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line
-        held_out = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-        print(f"done: step {result.step} in {result.run_dir}{held_out}", file=sys.stderr)
-    return 0
-
-
-def add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune on chat/Alpaca JSONL: full, LoRA or QLoRA (also under torchrun)")
-    p.add_argument("--config", required=True, help="YAML run settings, e.g. configs/finetune-lora.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="override settings, e.g. finetune.method=qlora model.init_from=PATH data.paths=[my.jsonl]")
-    p.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
-    p.set_defaults(func=_finetune)
-
-
-def _finetune(args) -> int:
-    import yaml
-
-    from .finetune import finetune, load_settings
-    from .train import TrainingDiverged
-
-    settings = load_settings(args.config, args.overrides)
-    if args.print_config:
-        print(yaml.safe_dump(settings.to_dict(), sort_keys=False), end="")
-        return 0
-    try:
-        result = finetune(settings)
-    except TrainingDiverged as e:
-        print(f"herd finetune: stopped: {e}", file=sys.stderr)
-        return 3
-    if os.environ.get("RANK", "0") == "0":
-        held_out = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-        print(f"done: step {result.step} in {result.run_dir}{held_out}", file=sys.stderr)
-    return 0
-
-
-def add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="write a PNG of a training run's loss curves")
-    p.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
-    p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
-    p.set_defaults(func=_plot)
-
-
-def _plot(args) -> int:
-    from .metrics import plot_run
-
-    print(plot_run(args.run_dir, args.out))
     return 0
 
 
