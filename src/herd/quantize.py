@@ -258,7 +258,8 @@ class Int4Linear(nn.Module):
         if _kernel_ok(x, 64):
             y = torch.ops.herd.linear_int4(_rows(x), self.weight, self.scales, self.mins, self.group_size)
             return y.view(*x.shape[:-1], self.out_features)
-        if x.device.type == "cpu" and x.shape[-1] % 64 == 0 and cpu_kernels():  # prefill: one-pass dequantize
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[-1] % 64 == 0 and cpu_kernels():
+            # a bf16 prefill: dequantize to bf16 in one pass (fp32 inputs keep the exact fp32 path below)
             w = torch.ops.herd.dequantize_int4(self.weight, self.scales, self.mins, self.group_size)
             return F.linear(x, w.to(x.dtype))
         return F.linear(x, dequantize_int4(self.weight, self.scales, self.mins, self.group_size, x.dtype))
