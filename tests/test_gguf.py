@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from herd import gguf as hg
+from herd import gguf_vocab as hv
 from herd.config import get_config
 from herd.model import Transformer
 
@@ -119,7 +120,7 @@ def test_tokenizer_round_trip_with_the_llama3_vocab(tmp_path):
     tok = load_tokenizer()
     model = random_model("tiny-llama3-vocab")
     path = hg.write_gguf(model.state_dict(), model.args, tok, tmp_path / "m.gguf", dtype="q8_0")
-    back = hg.read_gguf_tokenizer(path)
+    back = hv.read_gguf_tokenizer(path)
     assert back.n_words == 128256 and back.special_tokens == tok.special_tokens
     text = "Hello, world! 12345 ünïcödé 🦙 <|eot_id|>\r\n  code(x) => x**2"
     assert back.encode(text) == tok.encode(text)
@@ -132,7 +133,7 @@ def test_merges_from_ranks_reproduce_bpe():
 
     tok = load_tokenizer()
     ranks = {tok.token_bytes(i): i for i in range(tok.n_base)}
-    merges = hg.merges_from_ranks(ranks)
+    merges = hv.merges_from_ranks(ranks)
     # every multi-byte token is produced by at least one merge, and merges come in rank order
     produced = {a + b for a, b in merges}
     assert produced == {t for t in ranks if len(t) > 1}
@@ -261,7 +262,7 @@ def _tokenizer_file(tmp_path, tiny_tok, edit):
 def test_special_token_ids_past_the_vocab(tmp_path, tiny_tok):
     bad = _tokenizer_file(tmp_path, tiny_tok, lambda kv: kv.update({"tokenizer.ggml.eos_token_id": 10**6}))
     with pytest.raises(hg.GGUFError, match="eos_token_id 1000000 is outside"):
-        hg.read_gguf_tokenizer(bad)
+        hv.read_gguf_tokenizer(bad)
 
 
 def test_token_type_with_one_byte_elements(tmp_path, tiny_tok):
@@ -270,7 +271,7 @@ def test_token_type_with_one_byte_elements(tmp_path, tiny_tok):
 
     bad = _tokenizer_file(tmp_path, tiny_tok, edit)
     with pytest.raises(hg.GGUFError, match="token_type must be int32"):
-        hg.read_gguf_tokenizer(bad)
+        hv.read_gguf_tokenizer(bad)
 
 
 def test_token_outside_the_byte_alphabet(tmp_path, tiny_tok):
@@ -279,7 +280,7 @@ def test_token_outside_the_byte_alphabet(tmp_path, tiny_tok):
 
     bad = _tokenizer_file(tmp_path, tiny_tok, edit)
     with pytest.raises(hg.GGUFError, match="byte-level alphabet"):
-        hg.read_gguf_tokenizer(bad)
+        hv.read_gguf_tokenizer(bad)
 
 
 @pytest.mark.parametrize(
@@ -294,7 +295,7 @@ def test_token_outside_the_byte_alphabet(tmp_path, tiny_tok):
 def test_hostile_chat_template_only_in_sandbox(tmp_path, template, monkeypatch):
     monkeypatch.chdir(tmp_path)
     try:
-        out = hg.render_chat_template(template, [{"role": "user", "content": "hi"}])
+        out = hv.render_chat_template(template, [{"role": "user", "content": "hi"}])
         assert "class" not in out
     except hg.GGUFError as e:
         assert "refused" in str(e)

@@ -473,7 +473,7 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> Tokenizer:
     with open(p, "rb") as f:
         head = f.read(64).lstrip()
     if head.startswith(b"GGUF"):  # the vocabulary inside a GGUF model file
-        from .gguf import read_gguf_tokenizer
+        from .gguf_vocab import read_gguf_tokenizer
 
         return read_gguf_tokenizer(p)
     if head.startswith(b"{"):
