@@ -39,25 +39,40 @@ from herd.quantize import (  # noqa: E402
 GREEDY = SamplingParams(temperature=0)
 
 
+DEVICE = {"name": "cpu"}
+
+
+def _sync() -> None:
+    if DEVICE["name"] == "cuda":
+        torch.cuda.synchronize()
+
+
 def read_bandwidth(mib: int, repeats: int) -> dict:
-    """Best read bandwidth (GB/s) over a buffer much larger than the caches: torch's sum, and herd's 4-stream probe."""
-    buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    """Best read bandwidth (GB/s) over a buffer much larger than the caches: torch's sum, and herd's 4-stream probe
+    (CPU), or a device-to-device copy counted as bytes read + written (CUDA)."""
+    dev = DEVICE["name"]
+    buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=dev)
     out = {}
     probes = {"torch_sum": lambda: buf.sum()}
-    if cpu_kernels():
+    if dev == "cuda":
+        dst = torch.empty_like(buf)
+        probes = {"cuda_copy": lambda: dst.copy_(buf)}  # 2 bytes moved per byte of buf: scaled below
+    elif cpu_kernels():
         probes["herd_read"] = lambda: torch.ops.herd.read_sum(buf)
     for name, fn in probes.items():
         fn()
         best = min(_timed(fn) for _ in range(repeats))
-        out[name] = buf.numel() * 4 / best / 1e9
+        out[name] = buf.numel() * 4 * (2 if name == "cuda_copy" else 1) / best / 1e9
     del buf
     return out
 
 
 def _timed(fn) -> float:
     _wait_quiet()
+    _sync()
     t = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t
 
 
@@ -128,14 +143,15 @@ def hf_model_from(model: Transformer):
     hf.load_state_dict(meta_to_hf(model.state_dict(), args), strict=False, assign=True)
     if args.tie_embeddings:
         hf.tie_weights()
-    hf.model.rotary_emb = LlamaRotaryEmbedding(config=hf.config)  # its buffers are not in the state dict
+    # its buffers are not in the state dict: build them, on the weights' device
+    hf.model.rotary_emb = LlamaRotaryEmbedding(config=hf.config).to(model.tok_embeddings.weight.device)
     return hf.eval()
 
 
 @torch.inference_mode()
 def hf_decode(hf, prompt: list[int], new: int, repeats: int) -> dict:
     """transformers generate (greedy, default cache): decode tok/s = (new - 1) / (t(new) - t(1))."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=hf.device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
     def run(n):
@@ -149,7 +165,7 @@ def hf_decode(hf, prompt: list[int], new: int, repeats: int) -> dict:
 
 @torch.inference_mode()
 def hf_prefill(hf, prompt: list[int], repeats: int) -> float:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=hf.device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=1)
     return len(prompt) / min(_timed(lambda: hf.generate(ids, **kw)) for _ in range(repeats))
 
@@ -163,6 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int)
     ap.add_argument("--vocab", type=int, help="override vocab_size")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: bf16 on the GPU, roofline from its copy bandwidth (herd's CPU kernels do not apply)")
     ap.add_argument("--prompt", type=int, default=128, help="decode prompt length (default 128)")
     ap.add_argument("--new", type=int, default=128, help="new tokens (default 128)")
     ap.add_argument("--prefill", type=int, default=1024, help="prefill prompt length (default 1024; 0 skips)")
@@ -183,6 +201,9 @@ def main(argv=None) -> int:
         a.layers, a.dim, a.heads, a.vocab = a.layers or 2, a.dim or 256, a.heads or 4, a.vocab or 4096
         a.prompt, a.new, a.prefill, a.repeats, a.bw_mib = 16, 16, 64, 1, 256
     torch.set_num_threads(a.threads)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device")
+    DEVICE["name"] = a.device
     torch.manual_seed(0)
     GATE.update(gb_s=a.gate, timeout=a.gate_timeout)
 
@@ -193,7 +214,8 @@ def main(argv=None) -> int:
     if "n_heads" in changes:
         changes["n_kv_heads"] = max(1, changes["n_heads"] // 4)
     args = args.replace(**changes) if changes else args
-    res: dict = {"machine": f"{platform.processor() or platform.machine()}, {a.threads} threads, torch {torch.__version__}",
+    where = torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or platform.machine()}"
+    res: dict = {"machine": f"{where}, {a.threads} threads, torch {torch.__version__}", "device": a.device,
                  "config": a.model or a.config, "overrides": changes, "kernels": cpu_kernels()}
     bw = read_bandwidth(a.bw_mib, max(3, a.repeats))
     res["bandwidth_gb_s"] = bw
@@ -209,6 +231,7 @@ def main(argv=None) -> int:
         base = Transformer(args)
         base.init_weights()
         base = base.to(torch.bfloat16).eval()
+    base = base.to(a.device)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, args.vocab_size, (a.prompt,), generator=g).tolist()
     long_prompt = torch.randint(0, args.vocab_size, (a.prefill,), generator=g).tolist()

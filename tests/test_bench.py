@@ -135,3 +135,16 @@ def test_bad_model_path_is_a_failed_decode_row(tmp_path):
     assert p.returncode == 1, p.stderr[-2000:]
     assert "| decode | **FAILED** |" in p.stdout and "no such file" in p.stdout
     assert p.stderr.rstrip().splitlines()[-1].startswith("[1/1] decode: FAILED")  # herd itself did not crash
+
+
+def test_decode_script_on_cuda_or_a_clear_error():
+    """`herd bench --device cuda` passes --device cuda to decode.py: without a GPU that is a usage error."""
+    import torch
+
+    assert "--device" in bench.stage_args("decode", "smoke", 2, device="cuda")
+    assert "--device" not in bench.stage_args("train", "smoke", 2, device="cuda")
+    if torch.cuda.is_available():
+        return  # the GPU run itself is the benchmark, not a unit test
+    p = subprocess.run([sys.executable, str(bench.benchmarks_dir() / "decode.py"), "--smoke", "--device", "cuda"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "torch sees no CUDA device" in p.stderr

@@ -187,12 +187,14 @@ class StageResult:
         return f"exit code {self.returncode}: {why}" if self.returncode else f"wrote no JSON results: {why}"
 
 
-def stage_args(stage: str, preset: str, threads: int, model: str | None = None) -> list[str]:
+def stage_args(stage: str, preset: str, threads: int, model: str | None = None, device: str = "cpu") -> list[str]:
     args = list(PRESET_ARGS[preset][stage])
     if stage in ("decode", "train"):
         args += ["--threads", str(threads)]
     if stage == "decode" and model:
         args += ["--model", str(model)]
+    if stage == "decode" and device == "cuda":  # decode and prefill on the GPU; train and serve stay on the CPU
+        args += ["--device", "cuda"]
     if stage == "serve":
         args += ["--port", str(_free_port())]
     return args
@@ -329,7 +331,8 @@ def stage_rows(stage: StageResult, fp: Fingerprint) -> list[Row]:
     res = stage.result
     try:
         if stage.name == "decode":
-            return decode_rows(res, fp.matmul_tflops.get("bf16"))
+            on_gpu = res.get("device") == "cuda" and fp.gpu  # prefill's peak: the device it ran on
+            return decode_rows(res, (fp.gpu["matmul_tflops"] if on_gpu else fp.matmul_tflops).get("bf16"))
         if stage.name == "train":
             return train_rows(res, fp.matmul_tflops["bf16"])
         return serve_rows(res)
@@ -387,7 +390,7 @@ def run_bench(only: str | list[str] | None = None, preset: str = "full", model: 
     fp = fingerprint(device, preset, threads)
     report = BenchReport(preset, fp, model=model)
     for i, name in enumerate(stages, 1):
-        args = stage_args(name, preset, fp.threads, model)
+        args = stage_args(name, preset, fp.threads, model, device)
         say(f"[{i}/{len(stages)}] {name}: benchmarks/{name}.py {' '.join(args)}")
         stage = run_stage(name, args, bdir, log)
         say(f"[{i}/{len(stages)}] {name}: {'done' if stage.ok else 'FAILED'} in {stage.seconds:.0f} s")
