@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from herd.bench import measure_bandwidth  # noqa: E402
 from herd.checkpoint import load_model, meta_to_hf  # noqa: E402
 from herd.config import get_config, kv_cache_bytes_per_token  # noqa: E402
 from herd.generate import Engine, SamplingParams  # noqa: E402
@@ -45,26 +46,6 @@ DEVICE = {"name": "cpu"}
 def _sync() -> None:
     if DEVICE["name"] == "cuda":
         torch.cuda.synchronize()
-
-
-def read_bandwidth(mib: int, repeats: int) -> dict:
-    """Best read bandwidth (GB/s) over a buffer much larger than the caches: torch's sum, and herd's 4-stream probe
-    (CPU), or a device-to-device copy counted as bytes read + written (CUDA)."""
-    dev = DEVICE["name"]
-    buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=dev)
-    out = {}
-    probes = {"torch_sum": lambda: buf.sum()}
-    if dev == "cuda":
-        dst = torch.empty_like(buf)
-        probes = {"cuda_copy": lambda: dst.copy_(buf)}  # 2 bytes moved per byte of buf: scaled below
-    elif cpu_kernels():
-        probes["herd_read"] = lambda: torch.ops.herd.read_sum(buf)
-    for name, fn in probes.items():
-        fn()
-        best = min(_timed(fn) for _ in range(repeats))
-        out[name] = buf.numel() * 4 * (2 if name == "cuda_copy" else 1) / best / 1e9
-    del buf
-    return out
 
 
 def _timed(fn) -> float:
@@ -109,14 +90,13 @@ def herd_decode(model, prompt: list[int], new: int, repeats: int, engine: Engine
     return best
 
 
-def compiled_decode(model, prompt: list[int], new: int, repeats: int) -> tuple[dict, float]:
-    """Decode through torch.compile; -> (best stats, seconds the first call took to compile)."""
+def compiled_engine(model, prompt: list[int]) -> tuple[Engine, float]:
+    """An engine whose decode step goes through torch.compile; -> (engine, seconds its first call took to compile)."""
     engine = Engine(model, compile=True)
     t0 = time.perf_counter()
     for _ in engine.generate([prompt], GREEDY, max_new_tokens=3):
         pass
-    compile_s = time.perf_counter() - t0
-    return herd_decode(model, prompt, new, repeats, engine=engine), compile_s
+    return engine, time.perf_counter() - t0
 
 
 def herd_prefill(model, prompt: list[int], repeats: int, engine: Engine | None = None) -> float:
@@ -217,7 +197,7 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or platform.machine()}"
     res: dict = {"machine": f"{where}, {a.threads} threads, torch {torch.__version__}", "device": a.device,
                  "config": a.model or a.config, "overrides": changes, "kernels": cpu_kernels()}
-    bw = read_bandwidth(a.bw_mib, max(3, a.repeats))
+    bw = measure_bandwidth(a.device, a.bw_mib, max(3, a.repeats))
     res["bandwidth_gb_s"] = bw
     BW = max(bw.values()) * 1e9
     print(f"# {res['machine']}; read bandwidth {', '.join(f'{k} {v:.1f}' for k, v in bw.items())} GB/s "
@@ -298,7 +278,8 @@ def main(argv=None) -> int:
             m = copy.deepcopy(base)
             if not kernels:  # back to plain nn.Linear layers, so inductor sees and prepacks the matmuls
                 restore_linears(m)
-            s, compile_s = compiled_decode(m, prompt, a.new, a.repeats)
+            engine, compile_s = compiled_engine(m, prompt)
+            s = herd_decode(m, prompt, a.new, a.repeats, engine=engine)
             add(f"herd bf16 compiled, {label}", s["decode_tok_s"], bf16_bytes, f"(compile {compile_s:.0f} s)")
             del m
             gc.collect()
@@ -328,11 +309,7 @@ def main(argv=None) -> int:
             engines, compile_s = {}, {}
             for dtype, m in models.items():
                 m.clear_caches()
-                engines[dtype] = Engine(m, compile=True)
-                t0 = time.perf_counter()
-                for _ in engines[dtype].generate([prompt], GREEDY, max_new_tokens=3):
-                    pass
-                compile_s[dtype] = time.perf_counter() - t0
+                engines[dtype], compile_s[dtype] = compiled_engine(m, prompt)
             c_rates = alternate(engines)
             for dtype in models:
                 add(f"herd {dtype} compiled, herd kernels", c_rates[dtype], nbytes[dtype],
@@ -346,7 +323,7 @@ def main(argv=None) -> int:
             print(f", {res['int4_over_int8_compiled']:.2f}x compiled", end="")
         print(flush=True)
     res["rows"] = rows
-    bw_end = read_bandwidth(a.bw_mib, max(3, a.repeats))
+    bw_end = measure_bandwidth(a.device, a.bw_mib, max(3, a.repeats))
     res["bandwidth_end_gb_s"] = bw_end
     drift = max(bw_end.values()) * 1e9 / BW
     print(f"# read bandwidth at the end: {', '.join(f'{k} {v:.1f}' for k, v in bw_end.items())} GB/s"

@@ -252,14 +252,13 @@ class Engine:
         for i, pr in enumerate(prompts):
             tokens[i, : len(pr)] = torch.tensor(pr, device=dev)
         pos = torch.tensor(lens, device=dev)
-        input_pos = torch.arange(tmax, device=dev)[None].expand(bsz, tmax)
         gen = torch.Generator(device=dev)
         gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, (1,)).item()))
         stop_t = torch.tensor(sorted(set(stop_tokens)) or [-1], device=dev)
         counts = in_prompt = None
         if p.penalized:
             counts = torch.zeros(bsz, vocab, dtype=torch.int32, device=dev)
-            real = (input_pos < pos[:, None]).to(torch.int32)  # 0 on pad slots
+            real = (torch.arange(tmax, device=dev) < pos[:, None]).to(torch.int32)  # 0 on pad slots
             in_prompt = torch.zeros_like(counts).scatter_add_(1, tokens, real) > 0
 
         t0 = time.perf_counter()
