@@ -70,6 +70,10 @@ def test_bad_only_is_a_clear_error(capsys):
     assert main(["bench", "--smoke", "--only", "prefill"]) == 2
     err = capsys.readouterr().err
     assert "unknown benchmark prefill" in err and "decode stage" in err and "Traceback" not in err
+    # an unwritable --json is refused before any benchmark runs
+    assert main(["bench", "--smoke", "--only", "decode", "--json", "/nonexistent-folder/bench.json"]) == 2
+    out = capsys.readouterr()
+    assert "folder /nonexistent-folder does not exist" in out.err and "decode:" not in out.err and not out.out
 
 
 def _script(path, body: str) -> None:

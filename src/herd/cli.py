@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-
+from pathlib import Path
 
 from .cli_train import add_finetune, add_plot, add_pretrain  # noqa: F401  (registered by build_parser)
 
@@ -381,13 +381,17 @@ def add_bench(sub) -> None:
 def _bench(args) -> int:
     from .bench import format_report, run_bench
 
+    out = Path(args.json) if args.json else None
+    if out is not None and not out.parent.is_dir():  # before minutes of benchmarks, not after
+        raise CLIError(f"--json {out}: folder {out.parent} does not exist")
     report = run_bench(only=args.only, preset="smoke" if args.smoke else "quick" if args.quick else "full",
                        model=args.model, device=args.device, threads=args.threads,
                        log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_report(report))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=2)
+    if out is not None:  # written whole or not at all
+        tmp = out.with_name(f".{out.name}.partial")
+        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, out)
     return 0 if report.ok else 1
 
 
