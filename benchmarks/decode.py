@@ -31,7 +31,7 @@ import torch
 from herd.bench import measure_bandwidth  # noqa: E402
 from herd.checkpoint import load_model, meta_to_hf  # noqa: E402
 from herd.config import get_config, kv_cache_bytes_per_token  # noqa: E402
-from herd.generate import Engine, SamplingParams  # noqa: E402
+from herd.generate import Engine, SamplingParams, compile_step, decode_one  # noqa: E402
 from herd.model import Transformer  # noqa: E402
 from herd.quantize import (  # noqa: E402
     cpu_kernels, quantize_model, restore_linears, use_cpu_kernels, weight_bytes_per_token,
@@ -90,13 +90,28 @@ def herd_decode(model, prompt: list[int], new: int, repeats: int, engine: Engine
     return best
 
 
-def compiled_engine(model, prompt: list[int]) -> tuple[Engine, float]:
-    """An engine whose decode step goes through torch.compile; -> (engine, seconds its first call took to compile)."""
-    engine = Engine(model, compile=True)
+def compiled_engine(model, prompt: list[int], cudagraphs: bool | str | None = None) -> tuple[Engine, float]:
+    """An engine whose decode step goes through torch.compile; -> (engine, seconds its first call took to compile).
+    cudagraphs: None = the engine's default, False = none, "torch" = torch.compile's mode="reduce-overhead"."""
+    engine = Engine(model, compile=True, cudagraphs=cudagraphs if cudagraphs != "torch" else False)
+    if cudagraphs == "torch":
+        engine._decode = compile_step(decode_one, model, cudagraphs=True)
     t0 = time.perf_counter()
     for _ in engine.generate([prompt], GREEDY, max_new_tokens=3):
         pass
     return engine, time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def step_alone(engine: Engine, prompt_len: int, new: int, n: int = 64) -> float:
+    """Steps/s of the (compiled) decode step called back to back with no host sync: the engine loop's ceiling."""
+    model = engine.model
+    kv_len = engine._cache(1, prompt_len + new)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
+    pos = torch.full((1, 1), prompt_len, device=engine.device)
+    for _ in range(3):
+        engine._decode(model, tok, pos, kv_len)
+    return n / _timed(lambda: [engine._decode(model, tok, pos, kv_len) for _ in range(n)])
 
 
 def herd_prefill(model, prompt: list[int], repeats: int, engine: Engine | None = None) -> float:
@@ -208,8 +223,9 @@ def main(argv=None) -> int:
     else:
         if loaded is not None:
             print("# shape overrides given: random weights of the checkpoint's shape", flush=True)
-        base = Transformer(args)
-        base.init_weights()
+        with torch.device(a.device):  # on a GPU, an 8B model's random init takes seconds there, minutes here
+            base = Transformer(args)
+            base.init_weights()
         base = base.to(torch.bfloat16).eval()
     base = base.to(a.device)
     g = torch.Generator().manual_seed(1)
@@ -227,10 +243,12 @@ def main(argv=None) -> int:
 
     print(f"## decode: batch 1, prompt {a.prompt}, {a.new} new tokens (greedy)", flush=True)
     bf16_bytes = weight_bytes_per_token(base) + kv_bytes
-    plain = herd_decode(base, prompt, a.new, a.repeats)
-    add("herd bf16 eager, F.linear", plain["decode_tok_s"], bf16_bytes)
-    base.clear_caches()
-    use_cpu_kernels(base)  # swaps the linear modules in place (same weights): decode now uses the kernel
+    on_cpu = a.device == "cpu"
+    if on_cpu:
+        plain = herd_decode(base, prompt, a.new, a.repeats)
+        add("herd bf16 eager, F.linear", plain["decode_tok_s"], bf16_bytes)
+        base.clear_caches()
+        use_cpu_kernels(base)  # swaps the linear modules in place (same weights): decode now uses the kernel
     hf = None if a.no_hf else hf_model_from(base)
     # herd and transformers alternate, one run each per round, so a slower stretch of a shared machine hits both
     herd = t = None
@@ -242,7 +260,7 @@ def main(argv=None) -> int:
             th = hf_decode(hf, prompt, a.new, 1)
             t = th if t is None or th["decode_tok_s"] > t["decode_tok_s"] else t
     base.clear_caches()
-    add("herd bf16 eager, herd kernels", herd["decode_tok_s"], bf16_bytes)
+    add("herd bf16 eager" + (", herd kernels" if on_cpu else ""), herd["decode_tok_s"], bf16_bytes)
     if hf is not None:
         add("transformers bf16 eager", t["decode_tok_s"], bf16_bytes)
         res["speedup_vs_transformers"] = herd["decode_tok_s"] / t["decode_tok_s"]
@@ -273,15 +291,36 @@ def main(argv=None) -> int:
     gc.collect()
 
     if a.compile:
-        print("## torch.compile (inductor, freezing) of the decode step", flush=True)
-        for label, kernels in (("herd kernels", True), ("F.linear", False)):
-            m = copy.deepcopy(base)
+        print("## torch.compile (inductor" + (", freezing" if on_cpu else "") + ") of the decode step", flush=True)
+        # CPU: with herd's kernels, and plain nn.Linear layers that inductor prepacks. CUDA: the engine's default
+        # (herd's CudaGraphStep), torch's own CUDA graphs (mode="reduce-overhead"), and none (kernel launches).
+        variants = ((("herd kernels", True, None), ("F.linear", False, None)) if on_cpu
+                    else (("CUDA graph", False, None), ("torch reduce-overhead", False, "torch"),
+                          ("no CUDA graphs", False, False)))
+        for label, kernels, graphs in variants:
+            m = base if not on_cpu else copy.deepcopy(base)  # CUDA: same weights (an 8B copy would not fit twice)
             if not kernels:  # back to plain nn.Linear layers, so inductor sees and prepacks the matmuls
                 restore_linears(m)
-            engine, compile_s = compiled_engine(m, prompt)
-            s = herd_decode(m, prompt, a.new, a.repeats, engine=engine)
+            try:
+                engine, compile_s = compiled_engine(m, prompt, cudagraphs=graphs)
+                s = herd_decode(m, prompt, a.new, a.repeats, engine=engine)
+            except Exception as e:  # one variant failing to compile must not lose the rest of the table
+                print(f"  herd bf16 compiled, {label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                      flush=True)
+                res.setdefault("failed", []).append(f"compiled, {label}: {type(e).__name__}")
+                continue
+            finally:
+                m.clear_caches()
             add(f"herd bf16 compiled, {label}", s["decode_tok_s"], bf16_bytes, f"(compile {compile_s:.0f} s)")
-            del m
+            if not on_cpu:  # where the rest of the time goes: the host loop around the step, or the step itself
+                engine.overlap = False
+                s = herd_decode(m, prompt, a.new, a.repeats, engine=engine)
+                add("  same, steps not overlapped", s["decode_tok_s"], bf16_bytes)
+                add("  same, step alone (no host sync)", step_alone(engine, a.prompt, a.new), bf16_bytes)
+                m.clear_caches()
+            del engine
+            if on_cpu:
+                del m
             gc.collect()
 
     if not a.no_quant:

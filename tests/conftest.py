@@ -9,6 +9,16 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
 
+# Tests that take the `device` fixture run on every device torch sees: the CPU here and in CI, and also CUDA on a
+# GPU machine (scripts/gpu_check.sh runs them there), so the GPU path is checked by the same oracles.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_dtype():
     """Each test starts from a fixed seed and float32 default dtype."""

@@ -38,15 +38,15 @@ def recompute_greedy(model, prompt, n) -> tuple[list[int], list[float]]:
     model.clear_caches()
     ids, lps = list(prompt), []
     for _ in range(n):
-        logits = model(torch.tensor([ids]))[0, -1]
+        logits = model(torch.tensor([ids], device=model.output.weight.device))[0, -1]
         ids.append(int(logits.argmax()))
         lps.append(torch.log_softmax(logits, -1)[ids[-1]].item())
     return ids[len(prompt):], lps
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-tied"])
-def test_cached_greedy_equals_full_recompute(name):
-    model = tiny_model(name)
+def test_cached_greedy_equals_full_recompute(name, device):
+    model = tiny_model(name).to(device)
     prompt = [5, 17, 300, 42, 9, 77, 123]
     got = run(Engine(model), [prompt], max_new_tokens=40)[0]
     ref, _ = recompute_greedy(model, prompt, 40)
@@ -54,9 +54,9 @@ def test_cached_greedy_equals_full_recompute(name):
     assert len(set(got)) > 5  # a non-degenerate sequence
 
 
-def test_greedy_ids_equal_transformers_generate():
+def test_greedy_ids_equal_transformers_generate(device):
     args = get_config("tiny")
-    hf = hf_model(args)
+    hf = hf_model(args).to(device)
     with torch.no_grad():  # scale the random weights up so the argmax margins are far above fp32 noise
         for name, p in hf.named_parameters():
             if "norm" not in name:
@@ -65,15 +65,16 @@ def test_greedy_ids_equal_transformers_generate():
     model.load_state_dict(hf_to_meta(hf.state_dict(), args))
     prompt = [1, 20, 300, 4, 55, 6]
     n = 40
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+    model.to(device)
+    theirs = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                          pad_token_id=0)[0, len(prompt):].tolist()
     ours = run(Engine(model.eval()), [prompt], max_new_tokens=n)[0]
     assert ours == theirs
     assert len(set(ours)) > 5
 
 
-def test_ragged_batch_equals_each_prompt_alone():
-    model = tiny_model()
+def test_ragged_batch_equals_each_prompt_alone(device):
+    model = tiny_model().to(device)
     engine = Engine(model)
     prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [100], [50, 60, 70, 80]]
     batch = run(engine, prompts, max_new_tokens=24)
@@ -96,8 +97,8 @@ def test_ragged_batch_with_early_stop_and_penalties():
     assert batch[0][-1] == stop and len(batch[0]) == alone[0].index(stop) + 1
 
 
-def test_seeded_sampling_is_reproducible():
-    model = tiny_model(std=0.1)
+def test_seeded_sampling_is_reproducible(device):
+    model = tiny_model(std=0.1).to(device)
     engine = Engine(model)
     p = SamplingParams(temperature=1.0, top_p=0.95, top_k=100, min_p=0.01, seed=1234)
     a = run(engine, [[1, 2, 3]], p, max_new_tokens=30)
@@ -242,11 +243,34 @@ def test_stop_strings(deltas, stops, want, hit):
     assert text == want and cut.hit == hit
 
 
-def test_compiled_decode_matches_eager():
-    model = tiny_model()
+def test_compiled_decode_matches_eager(device):
+    model = tiny_model().to(device)
     prompts = [[9, 8, 7, 6], [1, 2]]
     eager = [run(Engine(model), [p], max_new_tokens=12)[0] for p in prompts]
     model.clear_caches()
     engine = Engine(model, compile=True, min_kv_bucket=32)
     assert run(engine, prompts[:1], max_new_tokens=12) == eager[:1]
     assert run(engine, prompts, max_new_tokens=12) == eager  # a new batch size: a new cache and graph
+
+
+def test_overlapped_steps_give_the_same_outputs(device):
+    """overlap=True (the GPU default: step n+1 is launched before step n's tokens are read) changes nothing that
+    the caller sees: tokens, logprobs, finish reasons, penalties, stop tokens and rows stopped from outside."""
+    model = tiny_model().to(device)
+    prompts = [[3, 4, 5, 6, 7, 8], [100, 101], [9]]
+    params = SamplingParams(temperature=0.8, top_k=50, repetition_penalty=1.2, presence_penalty=0.3, seed=5)
+    outs = []
+    for overlap in (False, True):
+        engine = Engine(model, overlap=overlap)
+        first = run(engine, prompts, params, max_new_tokens=12)[0]
+        steps = []
+        stop_rows: set[int] = set()
+        for step in engine.generate(prompts, params, max_new_tokens=12, stop_tokens=[first[5]], logprobs=True,
+                                    top_logprobs=3, stop_rows=stop_rows):
+            steps.append(step)
+            if len(steps) == 4:
+                stop_rows.add(2)  # e.g. a stop string matched in row 2
+        outs.append(steps)
+    assert outs[0] == outs[1]
+    assert any(f == "stop" for s in outs[0] for f in s.finish)
+    assert outs[0][-1].tokens[2] is None and len(outs[0]) > 4

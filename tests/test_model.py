@@ -28,11 +28,11 @@ def herd_from_hf(hf, args) -> Transformer:
 
 
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
-def test_logits_match_transformers(name):
+def test_logits_match_transformers(name, device):
     args = PARITY_CONFIGS[name]
-    hf = hf_model(args)
-    ours = herd_from_hf(hf, args)
-    tokens = torch.randint(0, args.vocab_size, (2, 33))
+    hf = hf_model(args).to(device)
+    ours = herd_from_hf(hf, args).to(device)
+    tokens = torch.randint(0, args.vocab_size, (2, 33), device=device)
     with torch.no_grad():
         ref = hf(tokens).logits
         got = ours(tokens)
@@ -40,7 +40,7 @@ def test_logits_match_transformers(name):
         assert (got - ref).abs().max() <= 1e-5
         # positions past the original 8192 context, up to the 131,072 limit
         for start in (8190, 65536, 131072 - 33):
-            pos = torch.arange(start, start + 33)[None].expand(2, -1)
+            pos = torch.arange(start, start + 33, device=device)[None].expand(2, -1)
             ref = hf(tokens, position_ids=pos).logits
             assert (ours(tokens, input_pos=pos) - ref).abs().max() <= 1e-5, start
 

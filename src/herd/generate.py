@@ -170,19 +170,26 @@ class Engine:
         model: a Transformer in eval mode, on its device and dtype.
         max_seq_len: cap on prompt + new tokens (default: the model's context).
         compile: torch.compile the decode step (inductor; `freezing` folds weights as constants, CPU only).
+            On CUDA the compiled step is also captured as a CUDA graph per (batch, cache length) unless
+            `cudagraphs=False` (see CudaGraphStep).
         min_kv_bucket: smallest attention length of the compiled step (lengths are rounded up to powers of two).
+        overlap: launch each decode step before the previous step's tokens are read back (default: on a GPU).
     """
 
     def __init__(self, model: Transformer, *, max_seq_len: int | None = None, compile: bool = False,
-                 freezing: bool = True, min_kv_bucket: int = 256):
+                 freezing: bool = True, cudagraphs: bool | None = None, min_kv_bucket: int = 256,
+                 overlap: bool | None = None):
         self.model = model
         self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
         self.compiled = compile
         self.min_kv_bucket = min_kv_bucket
+        self.overlap = self.device.type != "cpu" if overlap is None else overlap
         self.last_stats: dict = {}
         self._prefill, self._decode = prefill, decode_one
-        if compile:
-            self._decode = compile_step(decode_one, model, freezing=freezing)
+        if compile and self.device.type == "cuda" and cudagraphs is not False:
+            self._decode = CudaGraphStep(compile_step(decode_one, model, cudagraphs=False))
+        elif compile:
+            self._decode = compile_step(decode_one, model, freezing=freezing, cudagraphs=cudagraphs)
 
     @property
     def device(self) -> torch.device:
@@ -254,12 +261,16 @@ class Engine:
         pos = torch.tensor(lens, device=dev)
         gen = torch.Generator(device=dev)
         gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, (1,)).item()))
-        stop_t = torch.tensor(sorted(set(stop_tokens)) or [-1], device=dev)
+        stop_set = set(stop_tokens)
         counts = in_prompt = None
         if p.penalized:
             counts = torch.zeros(bsz, vocab, dtype=torch.int32, device=dev)
             real = (torch.arange(tmax, device=dev) < pos[:, None]).to(torch.int32)  # 0 on pad slots
             in_prompt = torch.zeros_like(counts).scatter_add_(1, tokens, real) > 0
+        # With overlap (a GPU), the next step is launched before this step's tokens are read back, so the GPU
+        # computes step n+1 while the host waits for, checks and hands out step n (that work is wasted only if
+        # every row stops at step n). On the CPU, where every op runs as it is called, a step runs only when needed.
+        ahead = self.overlap
 
         t0 = time.perf_counter()
         t_first, steps, emitted = None, 0, 0
@@ -267,24 +278,28 @@ class Engine:
         try:
             logits = self._prefill(self.model, tokens, (pos - 1)[:, None])
             for step in range(max_new_tokens):
-                if step:  # feed the previous token at its position (prompt length + step - 1)
-                    logits = self._decode(self.model, cur[:, None], pos[:, None], kv_len)
-                    pos = pos + 1
                 raw = logits
                 if counts is not None:
                     logits = apply_penalties(logits, counts, in_prompt, p)
                 nxt = sample(logits, p, gen)
                 if counts is not None:
                     counts.scatter_add_(1, nxt[:, None], torch.ones_like(nxt[:, None], dtype=counts.dtype))
-                lp = top = None
+                lp_t = top_t = None
                 if logprobs or top_logprobs:
                     logp = torch.log_softmax(raw.float(), dim=-1)
-                    lp = logp.gather(1, nxt[:, None])[:, 0].tolist()
+                    lp_t = logp.gather(1, nxt[:, None])[:, 0]
                     if top_logprobs:
-                        tv, ti = torch.topk(logp, top_logprobs, dim=-1)
-                        top = [dict(zip(r_i, r_v)) for r_i, r_v in zip(ti.tolist(), tv.tolist())]
-                is_stop = torch.isin(nxt, stop_t).tolist()
+                        top_t = torch.topk(logp, top_logprobs, dim=-1)
+                del raw, logits  # a CUDA-graph step reuses its output buffer: nothing may read it past here
+                last = step == max_new_tokens - 1
+                if ahead and not last:  # feed this step's tokens at their positions (prompt length + step)
+                    logits = self._decode(self.model, nxt[:, None], pos[:, None], kv_len)
+                    pos = pos + 1
                 ids = nxt.tolist()  # the host sync of this step
+                lp = lp_t.tolist() if lp_t is not None else None
+                top = None
+                if top_t is not None:
+                    top = [dict(zip(r_i, r_v)) for r_i, r_v in zip(top_t.indices.tolist(), top_t.values.tolist())]
                 if t_first is None:
                     t_first = time.perf_counter()
                 out = StepOutput([None] * bsz, [0.0] * bsz if lp else None, [{}] * bsz if top else None, [None] * bsz)
@@ -297,16 +312,18 @@ class Engine:
                         out.logprobs[i] = lp[i]
                     if top:
                         out.top_logprobs[i] = top[i]
-                    if is_stop[i]:
+                    if ids[i] in stop_set:
                         out.finish[i], done[i] = "stop", True
-                    elif step == max_new_tokens - 1:
+                    elif last:
                         out.finish[i], done[i] = "length", True
                 steps += 1
                 emitted += sum(t is not None for t in out.tokens)
                 yield out
                 if all(done[i] or i in stop_rows for i in range(bsz)):
                     break
-                cur = nxt
+                if not ahead:
+                    logits = self._decode(self.model, nxt[:, None], pos[:, None], kv_len)
+                    pos = pos + 1
         finally:  # also when the consumer stops early (Ctrl-C, a stop string)
             self.last_stats = _stats(sum(lens), bsz, steps, emitted, t0, t_first, time.perf_counter())
 
@@ -326,19 +343,63 @@ def _stats(n_prompt: int, bsz: int, steps: int, emitted: int, t0: float, t_first
     }
 
 
-def compile_step(fn, model: Transformer, *, freezing: bool = True):
+def compile_step(fn, model: Transformer, *, freezing: bool = True, cudagraphs: bool | None = None):
     """torch.compile a step function (inductor, static shapes). `freezing` (CPU) folds the weights as constants,
-    which lets inductor prepack them; it is applied only while the compiled function runs."""
+    which lets inductor prepack them; it is applied only while the compiled function runs. `cudagraphs` (default:
+    on for a CUDA model) replays each decode step as one CUDA graph: batch-1 decode launches a few hundred small
+    kernels per token, and without graphs the GPU waits on those launches rather than on its memory."""
     import torch._inductor.config as inductor_config
 
-    compiled = torch.compile(fn, dynamic=False)
     on_cpu = model.tok_embeddings.weight.device.type == "cpu"
+    graphs = (not on_cpu) if cudagraphs is None else cudagraphs
+    compiled = torch.compile(fn, dynamic=False, mode="reduce-overhead" if graphs else None)
 
     def run(*args):
         with inductor_config.patch(freezing=freezing and on_cpu):
             return compiled(*args)
 
     return run
+
+
+class CudaGraphStep:
+    """A decode step replayed from a CUDA graph: one launch per token instead of hundreds.
+
+    At batch 1 a GPU step is a few hundred small kernels; launched one by one from Python (even compiled) the GPU
+    waits on the host. Each (batch, kv_len, cache storage) gets its graph, captured after two warm-up calls (which
+    compile the step and write the same cache slot the real step writes). A call copies its tokens and positions
+    into the graph's input tensors and replays it; the returned logits are the graph's own output tensor, valid
+    until the next call. A new cache (a larger batch or bucket) drops the graphs that point at the old one. torch's
+    own `mode="reduce-overhead"` does this too, with more bookkeeping per call (measured in docs/generation.md).
+    """
+
+    def __init__(self, step):
+        self.step = step
+        self.graphs: dict = {}
+        self.cache_ptr: int | None = None
+
+    def __call__(self, model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int):
+        ptr = model.layers[0].attention.cache.k.data_ptr()
+        if ptr != self.cache_ptr:
+            self.graphs.clear()
+            self.cache_ptr = ptr
+        key = (tokens.shape[0], kv_len)
+        if key not in self.graphs:
+            static_in = (tokens.clone(), input_pos.clone())
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (and compilation) off the capture, as CUDA graphs require
+                for _ in range(2):
+                    self.step(model, *static_in, kv_len)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.step(model, *static_in, kv_len)
+            self.graphs[key] = (graph, static_in, out)
+        graph, (tok, pos), out = self.graphs[key]
+        tok.copy_(tokens)
+        pos.copy_(input_pos)
+        graph.replay()
+        return out
 
 
 # ---- stop strings -------------------------------------------------------------------------------------------
