@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from herd.checkpoint import save_hf
 from herd.cli import main
@@ -11,9 +12,9 @@ from herd.config import get_config
 from herd.generate import Engine, SamplingParams
 from herd.model import Transformer
 from herd.quantize import (
-    Bf16Linear, Int4Linear, Int8Linear, QuantizeError, cpu_kernels, dequantize_int4, dequantize_int8, load_quantized,
-    pack_int4, quantize_int4, quantize_int8, quantize_model, restore_linears, save_quantized, unpack_int4,
-    use_cpu_kernels, weight_bytes_per_token,
+    Bf16Linear, Int4Linear, Int8Linear, QuantizeError, cpu_kernels, decode_sdpa, dequantize_int4, dequantize_int8,
+    load_quantized, pack_int4, quantize_int4, quantize_int8, quantize_model, restore_linears, save_quantized,
+    unpack_int4, use_cpu_kernels, weight_bytes_per_token,
 )
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels(), reason="herd CPU kernels unavailable (no AVX-512 BF16 or compiler)")
@@ -98,6 +99,73 @@ def test_kernel_path_equals_fallback_path():
         x.requires_grad_(False)
         assert fast.shape == (2, 3, 40)
         assert torch.allclose(fast, slow.detach(), atol=1e-2, rtol=1e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 2, 64), (4, 4, 32), (6, 1, 16), (32, 8, 128)])
+def test_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, head_dim):
+    g = torch.Generator().manual_seed(heads * head_dim)
+    B, S = 3, 33
+    q = torch.randn(B, heads, 1, head_dim, generator=g).to(dtype)
+    cache_k = torch.randn(4, kv_heads, 40, head_dim, generator=g).to(dtype)  # a cache: more rows and slots
+    cache_v = torch.randn(4, kv_heads, 40, head_dim, generator=g).to(dtype)
+    k, v = cache_k[:B, :, :S], cache_v[:B, :, :S]  # the strided views the model's cache hands out
+    last = torch.tensor([32, 0, 17])  # ragged rows: row b may read slots 0..last[b]
+    masks = [torch.arange(S)[None, None, None, :] <= last[:, None, None, None],
+             torch.arange(S)[None, None, None, :] <= 20,  # one mask row for the whole batch
+             torch.rand(B, 1, 1, S, generator=g) < 0.5, None]
+    masks[2][:, :, :, 0] = True  # at least one slot per row
+    for mask in masks:
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+        got = torch.ops.herd.decode_attention(q, k, v, mask)
+        assert got.dtype == dtype and got.shape == q.shape
+        assert (got.float() - ref).abs().max() <= tol
+
+
+@needs_kernels
+def test_decode_sdpa_routes_only_decode_steps():
+    q1, q4 = torch.randn(1, 4, 1, 32), torch.randn(1, 4, 4, 32)
+    k, v = torch.randn(1, 2, 9, 32), torch.randn(1, 2, 9, 32)
+    mask = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    sdpa = F.scaled_dot_product_attention
+    got = decode_sdpa(q1, k, v, attn_mask=mask, enable_gqa=True)
+    assert torch.equal(got, torch.ops.herd.decode_attention(q1, k, v, mask))
+    assert torch.equal(decode_sdpa(q4, k, v, is_causal=False, enable_gqa=True), sdpa(q4, k, v, enable_gqa=True))
+    qg = q1.clone().requires_grad_()
+    assert torch.equal(decode_sdpa(qg, k, v, attn_mask=mask, enable_gqa=True),
+                       sdpa(qg, k, v, attn_mask=mask, enable_gqa=True))
+    with pytest.raises(RuntimeError, match="bool"):
+        torch.ops.herd.decode_attention(q1, k, v, mask.float())
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.herd.decode_attention(q1.bfloat16(), k, v, mask)
+
+
+@needs_kernels
+def test_cpu_attention_in_the_engine():
+    """use_cpu_kernels on an fp32 model swaps only the attention: greedy decode is unchanged, compiled too."""
+    model = tiny_model("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(15)  # peaked logits: the ids do not hinge on rounding
+    prompts = [[5, 17, 300, 42, 9], [7, 8]]
+
+    def greedy(engine):
+        rows = [[] for _ in prompts]
+        for step in engine.generate(prompts, SamplingParams(temperature=0), max_new_tokens=20):
+            for i, t in enumerate(step.tokens):
+                if t is not None:
+                    rows[i].append(t)
+        return rows
+
+    ref = greedy(Engine(model))
+    use_cpu_kernels(model)
+    assert all(vars(layer.attention)["sdpa"] is decode_sdpa for layer in model.layers)
+    assert greedy(Engine(model)) == ref
+    model.clear_caches()
+    assert greedy(Engine(model, compile=True, min_kv_bucket=32)) == ref
+    restore_linears(model)
+    assert "sdpa" not in vars(model.layers[0].attention)
 
 
 @pytest.mark.parametrize("dtype, gs, tol", [("int8", 128, 0.01), ("int4", 32, 0.09), ("int4", 128, 0.12)])

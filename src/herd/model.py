@@ -100,6 +100,10 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    # the attention function, SDPA's signature; code outside the model may set another on an instance (herd's CPU
+    # decode kernel does, in quantize.use_cpu_kernels)
+    sdpa = staticmethod(F.scaled_dot_product_attention)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -122,7 +126,7 @@ class Attention(nn.Module):
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         # GQA: KV head j serves query heads j*n_rep ... (j+1)*n_rep-1, Meta's repeat_kv order.
-        out = F.scaled_dot_product_attention(
+        out = self.sdpa(
             q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))

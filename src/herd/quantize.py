@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
-from .model import Transformer
+from .model import Attention, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,11 @@ def _register_fakes() -> None:
     def fake_dequantize(w, scales, mins, group_size):
         return w.new_empty(w.shape[0], w.shape[1] * 2, dtype=torch.bfloat16)
 
+    def fake_attention(q, k, v, mask):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
     for name, fn in (("linear_bf16", fake), ("linear_int8", fake), ("linear_int4", fake),
-                     ("dequantize_int4", fake_dequantize)):
+                     ("dequantize_int4", fake_dequantize), ("decode_attention", fake_attention)):
         try:
             torch.library.register_fake(f"herd::{name}")(fn)
         except RuntimeError:  # already registered in this process
@@ -302,8 +305,21 @@ def quantize_model(model: Transformer, dtype: str, group_size: int = 128) -> Tra
     return model
 
 
+def decode_sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+    """F.scaled_dot_product_attention, with herd's CPU kernel for one-token decode steps (q of length 1 over the
+    cache, a bool mask or none): ~3 ms less per token than SDPA's CPU kernel at the 1B shape (16 layers)."""
+    if (q.shape[2] == 1 and not is_causal and not kw and q.device.type == "cpu" and q.shape[-1] % 16 == 0
+            and q.dtype in (torch.bfloat16, torch.float32) and k.dtype == q.dtype and v.dtype == q.dtype
+            and (attn_mask is None or attn_mask.dtype == torch.bool)
+            and not (torch.is_grad_enabled() and q.requires_grad) and cpu_kernels()):
+        return torch.ops.herd.decode_attention(q, k, v, attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa,
+                                          **kw)
+
+
 def use_cpu_kernels(model: nn.Module) -> int:
-    """Route the bf16 nn.Linear layers of a CPU model through the decode kernel; returns how many were swapped."""
+    """Route a CPU model's decode through herd's kernels: bf16 nn.Linear layers (returns how many were swapped)
+    and the attention of one-token steps (`decode_sdpa`)."""
     if not cpu_kernels():
         return 0
     def swap(_, lin: nn.Linear) -> nn.Module:
@@ -311,11 +327,17 @@ def use_cpu_kernels(model: nn.Module) -> int:
         return Bf16Linear(w) if lin.bias is None and w.dtype == torch.bfloat16 and w.device.type == "cpu" else lin
 
     _swap_linears(model, swap)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.sdpa = decode_sdpa
     return sum(isinstance(m, Bf16Linear) for m in model.modules())
 
 
 def restore_linears(model: nn.Module) -> None:
-    """Undo use_cpu_kernels: Bf16Linear -> nn.Linear holding the same weight Parameter."""
+    """Undo use_cpu_kernels: Bf16Linear -> nn.Linear holding the same weight Parameter, SDPA for attention."""
+    for m in model.modules():
+        if isinstance(m, Attention) and "sdpa" in vars(m):
+            del m.sdpa
     for name, mod in list(model.named_modules()):
         if isinstance(mod, Bf16Linear):
             lin = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")

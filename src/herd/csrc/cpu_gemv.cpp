@@ -29,7 +29,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
-#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
@@ -113,17 +113,18 @@ void bf16_pass(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_
 
 // ---- int16 activations -----------------------------------------------------------------------------------
 
-// x (M, K) fp32 -> xq (M, K) int16, xs (M, K/B) scales, xsum (M, K/B) = sum of the dequantized x in each block.
-void quantize_x(const float* x, int64_t M, int64_t K, int64_t B, int16_t* xq, float* xs, float* xsum) {
+// x (M, K) fp32 or bf16 -> xq (M, K) int16, xs (M, K/B) scales, xsum (M, K/B) = sum of the dequantized x per block.
+template <typename T>
+void quantize_x(const T* x, int64_t M, int64_t K, int64_t B, int16_t* xq, float* xs, float* xsum) {
   for (int64_t m = 0; m < M; m++) {
     for (int64_t b = 0; b < K / B; b++) {
-      const float* xb = x + m * K + b * B;
+      const T* xb = x + m * K + b * B;
       float amax = 0.f;
-      for (int64_t i = 0; i < B; i++) amax = std::max(amax, std::abs(xb[i]));
+      for (int64_t i = 0; i < B; i++) amax = std::max(amax, std::abs(static_cast<float>(xb[i])));
       const float scale = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / scale;
       int64_t sum = 0;
       for (int64_t i = 0; i < B; i++) {
-        int16_t v = static_cast<int16_t>(std::nearbyint(xb[i] * inv));
+        int16_t v = static_cast<int16_t>(std::nearbyint(static_cast<float>(xb[i]) * inv));
         xq[m * K + b * B + i] = v;
         sum += v;
       }
@@ -289,19 +290,50 @@ void in_passes(int64_t M, const P& pass) {
 
 #endif  // HERD_AVX512
 
+// Per-call buffers live in thread-local scratch and the fp32 results are converted into the caller's dtype here:
+// a decode step makes ~113 kernel calls, and a tensor allocation plus an ATen dtype copy on each side of every call
+// cost ~2 ms per token (4% of an int8 1B step) before this.
+float* scratch(std::vector<float>& buf, int64_t n) {
+  if (buf.size() < static_cast<size_t>(n)) buf.resize(n);
+  return buf.data();
+}
+
+// fp32 y (M, N) -> a new (M, N) tensor of x's dtype (bf16 rounded to nearest even, as Tensor.to does)
+at::Tensor to_output(const float* y, int64_t M, int64_t N, const at::Tensor& x) {
+  const int64_t n = M * N;
+  if (x.scalar_type() == at::kFloat) {
+    auto out = at::empty({M, N}, x.options());
+    std::memcpy(out.data_ptr<float>(), y, n * sizeof(float));
+    return out;
+  }
+  if (x.scalar_type() == at::kBFloat16) {
+    auto out = at::empty({M, N}, x.options());
+    auto o = reinterpret_cast<c10::BFloat16*>(out.data_ptr());
+    int64_t i = 0;
+#ifdef HERD_AVX512
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256((__m256i*)(o + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) o[i] = c10::BFloat16(y[i]);
+    return out;
+  }
+  return at::from_blob(const_cast<float*>(y), {M, N}, x.options().dtype(at::kFloat)).to(x.scalar_type());
+}
+
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(supported(), "herd CPU kernels were built without AVX-512 BF16/VNNI");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
   check_x(x, K, 32);
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "w must be contiguous bf16 (N, K)");
   auto xb = x.to(at::kBFloat16).contiguous();
-  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  thread_local std::vector<float> ybuf;
+  float* y = scratch(ybuf, M * N);
 #ifdef HERD_AVX512
   auto xp = (const uint16_t*)xb.data_ptr();
   auto wp = (const uint16_t*)w.data_ptr();
   in_passes(M, [&](int64_t mr, int64_t m0) {
     auto xm = xp + m0 * K;
-    auto ym = y.data_ptr<float>() + m0 * N;
+    auto ym = y + m0 * N;
     switch (mr) {
       case 1: bf16_pass<1>(xm, wp, ym, K, N); break;
       case 2: bf16_pass<2>(xm, wp, ym, K, N); break;
@@ -310,19 +342,32 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) {
     }
   });
 #endif
-  return y.to(x.scalar_type());
+  return to_output(y, M, N, x);
 }
 
 #ifdef HERD_AVX512
-// x rows as int16 in blocks of B: -> (xq int16 (M, K), xs (M, K/B), xsum (M, K/B))
-std::tuple<at::Tensor, at::Tensor, at::Tensor> int16_rows(const at::Tensor& x, int64_t B) {
+// x rows as int16 in blocks of B, in thread-local scratch (valid until this thread's next call)
+struct Int16Rows {
+  const int16_t* xq;  // (M, K)
+  const float* xs;    // (M, K/B) scales
+  const float* xsum;  // (M, K/B) block sums of the dequantized x
+};
+
+Int16Rows int16_rows(const at::Tensor& x, int64_t B) {
   const int64_t M = x.size(0), K = x.size(1);
-  auto xf = x.to(at::kFloat).contiguous();
-  auto xq = at::empty({M, K}, x.options().dtype(at::kShort));
-  auto xs = at::empty({M, K / B}, x.options().dtype(at::kFloat));
-  auto xsum = at::empty({M, K / B}, x.options().dtype(at::kFloat));
-  quantize_x(xf.data_ptr<float>(), M, K, B, xq.data_ptr<int16_t>(), xs.data_ptr<float>(), xsum.data_ptr<float>());
-  return {xq, xs, xsum};
+  thread_local std::vector<int16_t> q;
+  thread_local std::vector<float> s, sum;
+  if (q.size() < static_cast<size_t>(M * K)) q.resize(M * K);
+  float* xs = scratch(s, M * (K / B));
+  float* xsum = scratch(sum, M * (K / B));
+  auto xc = x.contiguous();
+  if (xc.scalar_type() == at::kBFloat16) {
+    quantize_x(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), M, K, B, q.data(), xs, xsum);
+  } else {
+    auto xf = xc.to(at::kFloat);
+    quantize_x(xf.data_ptr<float>(), M, K, B, q.data(), xs, xsum);
+  }
+  return {q.data(), xs, xsum};
 }
 #endif
 
@@ -333,15 +378,16 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), "w must be contiguous int8 (N, K)");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N, "scales must be fp32 (N,)");
   auto sf = scales.contiguous();
-  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  thread_local std::vector<float> ybuf;
+  float* y = scratch(ybuf, M * N);
 #ifdef HERD_AVX512
-  auto [xq, xs, xsum] = int16_rows(x, kInt8Block);
+  const Int16Rows xr = int16_rows(x, kInt8Block);
   auto wp = w.data_ptr<int8_t>();
   auto sp = sf.data_ptr<float>();
   in_passes(M, [&](int64_t mr, int64_t m0) {
-    auto q = xq.data_ptr<int16_t>() + m0 * K;
-    auto s = xs.data_ptr<float>() + m0 * (K / kInt8Block);
-    auto ym = y.data_ptr<float>() + m0 * N;
+    auto q = xr.xq + m0 * K;
+    auto s = xr.xs + m0 * (K / kInt8Block);
+    auto ym = y + m0 * N;
     switch (mr) {
       case 1: int8_pass<1>(q, s, wp, sp, ym, K, N); break;
       case 2: int8_pass<2>(q, s, wp, sp, ym, K, N); break;
@@ -350,7 +396,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     }
   });
 #endif
-  return y.to(x.scalar_type());
+  return to_output(y, M, N, x);
 }
 
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& mins,
@@ -364,17 +410,18 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   for (auto* t : {&scales, &mins})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == N * (K / G),
                 "scales and mins must be contiguous bf16 (N, K/G)");
-  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  thread_local std::vector<float> ybuf;
+  float* y = scratch(ybuf, M * N);
 #ifdef HERD_AVX512
-  auto [xq, xs, xsum] = int16_rows(x, G);
+  const Int16Rows xr = int16_rows(x, G);
   auto wp = w.data_ptr<uint8_t>();
   auto sp = (const uint16_t*)scales.data_ptr();
   auto mp = (const uint16_t*)mins.data_ptr();
   in_passes(M, [&](int64_t mr, int64_t m0) {
-    auto q = xq.data_ptr<int16_t>() + m0 * K;
-    auto s = xs.data_ptr<float>() + m0 * (K / G);
-    auto su = xsum.data_ptr<float>() + m0 * (K / G);
-    auto ym = y.data_ptr<float>() + m0 * N;
+    auto q = xr.xq + m0 * K;
+    auto s = xr.xs + m0 * (K / G);
+    auto su = xr.xsum + m0 * (K / G);
+    auto ym = y + m0 * N;
     switch (G) {
       case 32: int4_dispatch<32>(mr, q, s, su, wp, sp, mp, ym, K, N); break;
       case 64: int4_dispatch<64>(mr, q, s, su, wp, sp, mp, ym, K, N); break;
@@ -383,7 +430,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     }
   });
 #endif
-  return y.to(x.scalar_type());
+  return to_output(y, M, N, x);
 }
 
 // int4 -> bf16 (N, K) in one pass (prefill of a quantized model: dequantize, then one bf16 matmul).
@@ -417,6 +464,101 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scales, const 
       }
     }
   });
+#endif
+  return out;
+}
+
+// ---- one-token attention over the KV cache -----------------------------------------------------------------
+
+#ifdef HERD_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// One (batch row, KV head): its R query heads against the S cache slots whose mask is set, in fp32.
+template <typename T>
+void attend_kv_head(const T* q, const T* k, const T* v, const bool* mask, int64_t mask_stride, T* out, int64_t R,
+                    int64_t S, int64_t D, int64_t k_stride, int64_t v_stride, float scale) {
+  thread_local std::vector<float> qf_buf, p_buf, acc_buf;
+  float* qf = scratch(qf_buf, R * D);
+  float* p = scratch(p_buf, R * S);
+  float* acc = scratch(acc_buf, R * D);
+  for (int64_t i = 0; i < R * D; i++) qf[i] = static_cast<float>(q[i]) * scale;
+  std::vector<float> mx(R, -INFINITY);
+  for (int64_t s = 0; s < S; s++) {  // scores q . k_s
+    if (mask && !mask[s * mask_stride]) continue;
+    const T* ks = k + s * k_stride;
+    for (int64_t r = 0; r < R; r++) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + r * D + d), load16(ks + d), a);
+      const float sc = _mm512_reduce_add_ps(a);
+      p[r * S + s] = sc;
+      mx[r] = std::max(mx[r], sc);
+    }
+  }
+  std::vector<float> denom(R, 0.f);
+  std::fill(acc, acc + R * D, 0.f);
+  for (int64_t s = 0; s < S; s++) {  // softmax weights times v_s
+    if (mask && !mask[s * mask_stride]) continue;
+    const T* vs = v + s * v_stride;
+    for (int64_t r = 0; r < R; r++) {
+      const float e = std::exp(p[r * S + s] - mx[r]);
+      denom[r] += e;
+      const __m512 ev = _mm512_set1_ps(e);
+      for (int64_t d = 0; d < D; d += 16)
+        _mm512_storeu_ps(acc + r * D + d, _mm512_fmadd_ps(ev, load16(vs + d), _mm512_loadu_ps(acc + r * D + d)));
+    }
+  }
+  for (int64_t r = 0; r < R; r++) {
+    const float inv = denom[r] > 0.f ? 1.f / denom[r] : 0.f;  // no slot allowed: zeros
+    for (int64_t d = 0; d < D; d++) out[r * D + d] = static_cast<T>(acc[r * D + d] * inv);
+  }
+}
+#endif
+
+// q (B, H, 1, D); k, v (>= B, KVH, S, D) with unit stride along D (cache views); mask None or bool, broadcastable
+// to (B, 1, 1, S) -> (B, H, 1, D). Query head h reads KV head h / (H / KVH), Meta's grouping; scale 1/sqrt(D).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(supported(), "herd CPU kernels were built without AVX-512 BF16/VNNI");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes(),
+              "decode_attention takes q (B, H, 1, D) and k, v (B, KVH, S, D)");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KVH = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) >= B && k.size(3) == D && H % KVH == 0 && D % 16 == 0, "bad shapes for decode_attention");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
+                  (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat),
+              "q, k, v must share one dtype, bf16 or fp32");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "k and v need unit stride along D");
+  auto qc = q.contiguous();
+  auto out = at::empty({B, H, 1, D}, q.options());
+  at::Tensor m;
+  int64_t mb = 0, ms = 0;
+  if (mask.has_value()) {
+    m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.size(1) == 1 && m.size(2) == 1 &&
+                    (m.size(0) == B || m.size(0) == 1) && m.size(3) == S,
+                "mask must be bool, broadcastable to (B, 1, 1, S)");
+    mb = m.size(0) == 1 ? 0 : m.stride(0);
+    ms = m.stride(3);
+  }
+  const int64_t R = H / KVH;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+#ifdef HERD_AVX512
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; i++) {
+        const int64_t b = i / KVH, h = i % KVH;
+        attend_kv_head<T>(qc.data_ptr<T>() + (b * H + h * R) * D, k.data_ptr<T>() + b * k.stride(0) + h * k.stride(1),
+                          v.data_ptr<T>() + b * v.stride(0) + h * v.stride(1),
+                          m.defined() ? m.data_ptr<bool>() + b * mb : nullptr, ms,
+                          out.data_ptr<T>() + (b * H + h * R) * D, R, S, D, k.stride(2), v.stride(2), scale);
+      }
+    });
+  };
+  if (q.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
+  else run(static_cast<c10::BFloat16*>(nullptr));
 #endif
   return out;
 }
@@ -457,6 +599,7 @@ TORCH_LIBRARY(herd, m) {
   m.def("linear_int4(Tensor x, Tensor w, Tensor scales, Tensor mins, int group_size) -> Tensor");
   m.def("dequantize_int4(Tensor w, Tensor scales, Tensor mins, int group_size) -> Tensor");
   m.def("read_sum(Tensor buf) -> int");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(herd, CPU, m) {
@@ -465,4 +608,5 @@ TORCH_LIBRARY_IMPL(herd, CPU, m) {
   m.impl("linear_int4", &linear_int4);
   m.impl("dequantize_int4", &dequantize_int4);
   m.impl("read_sum", &read_sum);
+  m.impl("decode_attention", &decode_attention);
 }
