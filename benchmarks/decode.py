@@ -330,6 +330,7 @@ def main(argv=None) -> int:
             m = copy.deepcopy(base)
             restore_linears(m)
             quantize_model(m, dtype, a.group_size)
+            use_cpu_kernels(m)  # as herd.load does on CPU: the quantized layers' kernels + the decode attention
             models[dtype], nbytes[dtype] = m, weight_bytes_per_token(m) + kv_bytes
 
         def alternate(engines: dict) -> dict:

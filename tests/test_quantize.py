@@ -142,12 +142,16 @@ def test_decode_sdpa_routes_only_decode_steps():
 
 
 @needs_kernels
-def test_cpu_attention_in_the_engine():
-    """use_cpu_kernels on an fp32 model swaps only the attention: greedy decode is unchanged, compiled too."""
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_cpu_kernels_in_the_engine(quant):
+    """use_cpu_kernels swaps in the attention kernel: greedy decode is unchanged, compiled too (fp32 weights, and
+    int8 weights whose linear layers already use the kernels)."""
     model = tiny_model("tiny")
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(15)  # peaked logits: the ids do not hinge on rounding
+    if quant:
+        quantize_model(model, quant)
     prompts = [[5, 17, 300, 42, 9], [7, 8]]
 
     def greedy(engine):
