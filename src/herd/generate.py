@@ -355,7 +355,9 @@ def compile_step(fn, model: Transformer, *, freezing: bool = True, cudagraphs: b
     compiled = torch.compile(fn, dynamic=False, mode="reduce-overhead" if graphs else None)
 
     def run(*args):
-        with inductor_config.patch(freezing=freezing and on_cpu):
+        # CPU: the step also runs from C++ (cpp_wrapper) rather than a Python wrapper calling ~250 kernels one by
+        # one: 2.8% (int8) and 3.7% (int4) faster decode at the 1B shape, for a longer first compile (~50 s vs ~40).
+        with inductor_config.patch(freezing=freezing and on_cpu, cpp_wrapper=on_cpu):
             return compiled(*args)
 
     return run

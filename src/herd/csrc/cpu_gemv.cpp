@@ -476,6 +476,22 @@ inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
+// e^x for x <= 0, 16 lanes: 2^(x log2 e) = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, and 2^f from its degree-6
+// minimax polynomial (a few ulp); inputs below -100 are clamped (e^-100 ~ 4e-44: a weight of zero in a softmax).
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.f)), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
 // One (batch row, KV head): its R query heads against the S cache slots whose mask is set, in fp32.
 template <typename T>
 void attend_kv_head(const T* q, const T* k, const T* v, const bool* mask, int64_t mask_stride, T* out, int64_t R,
@@ -487,7 +503,10 @@ void attend_kv_head(const T* q, const T* k, const T* v, const bool* mask, int64_
   for (int64_t i = 0; i < R * D; i++) qf[i] = static_cast<float>(q[i]) * scale;
   std::vector<float> mx(R, -INFINITY);
   for (int64_t s = 0; s < S; s++) {  // scores q . k_s
-    if (mask && !mask[s * mask_stride]) continue;
+    if (mask && !mask[s * mask_stride]) {
+      for (int64_t r = 0; r < R; r++) p[r * S + s] = -INFINITY;
+      continue;
+    }
     const T* ks = k + s * k_stride;
     for (int64_t r = 0; r < R; r++) {
       __m512 a = _mm512_setzero_ps();
@@ -497,13 +516,24 @@ void attend_kv_head(const T* q, const T* k, const T* v, const bool* mask, int64_
       mx[r] = std::max(mx[r], sc);
     }
   }
+  for (int64_t r = 0; r < R; r++) {  // p = e^(score - max), 16 slots at a time
+    const __m512 m = _mm512_set1_ps(mx[r]);
+    int64_t s = 0;
+    for (; s + 16 <= S; s += 16)
+      _mm512_storeu_ps(p + r * S + s, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p + r * S + s), m)));
+    const __mmask16 tail = (__mmask16)((1u << (S - s)) - 1);
+    if (tail) {
+      const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p + r * S + s), m);
+      _mm512_mask_storeu_ps(p + r * S + s, tail, exp_nonpositive(x));
+    }
+  }
   std::vector<float> denom(R, 0.f);
   std::fill(acc, acc + R * D, 0.f);
   for (int64_t s = 0; s < S; s++) {  // softmax weights times v_s
     if (mask && !mask[s * mask_stride]) continue;
     const T* vs = v + s * v_stride;
     for (int64_t r = 0; r < R; r++) {
-      const float e = std::exp(p[r * S + s] - mx[r]);
+      const float e = p[r * S + s];
       denom[r] += e;
       const __m512 ev = _mm512_set1_ps(e);
       for (int64_t d = 0; d < D; d += 16)
