@@ -234,9 +234,10 @@ def main(argv=None) -> int:
     kv_bytes = kv_cache_bytes_per_token(args) * (a.prompt + a.new)  # eager attention reads the request's slots
     rows = []
 
-    def add(name, tok_s, nbytes, extra=""):
+    def add(name, tok_s, nbytes, extra="", parent=""):
+        """One table row; a row printed as "  same, ..." under `parent` is named in full in the JSON."""
         roof = BW / nbytes
-        rows.append({"name": name, "tok_s": tok_s, "bytes_per_token": nbytes, "roofline_tok_s": roof,
+        rows.append({"name": f"{parent}, {name.strip().removeprefix('same, ')}" if parent else name, "tok_s": tok_s, "bytes_per_token": nbytes, "roofline_tok_s": roof,
                      "roofline_frac": tok_s / roof, "note": extra})
         print(f"  {name:<34} {tok_s:7.2f} tok/s   {nbytes / 1e9:6.3f} GB/token   {100 * tok_s / roof:5.1f}% of "
               f"roofline ({roof:.1f} tok/s) {extra}", flush=True)
@@ -315,8 +316,10 @@ def main(argv=None) -> int:
             if not on_cpu:  # where the rest of the time goes: the host loop around the step, or the step itself
                 engine.overlap = False
                 s = herd_decode(m, prompt, a.new, a.repeats, engine=engine)
-                add("  same, steps not overlapped", s["decode_tok_s"], bf16_bytes)
-                add("  same, step alone (no host sync)", step_alone(engine, a.prompt, a.new), bf16_bytes)
+                parent = f"herd bf16 compiled, {label}"
+                add("  same, steps not overlapped", s["decode_tok_s"], bf16_bytes, parent=parent)
+                add("  same, step alone (no host sync)", step_alone(engine, a.prompt, a.new), bf16_bytes,
+                    parent=parent)
                 m.clear_caches()
             del engine
             if on_cpu:
