@@ -237,7 +237,8 @@ def main(argv=None) -> int:
     def add(name, tok_s, nbytes, extra="", parent=""):
         """One table row; a row printed as "  same, ..." under `parent` is named in full in the JSON."""
         roof = BW / nbytes
-        rows.append({"name": f"{parent}, {name.strip().removeprefix('same, ')}" if parent else name, "tok_s": tok_s, "bytes_per_token": nbytes, "roofline_tok_s": roof,
+        full = f"{parent}, {name.strip().removeprefix('same, ')}" if parent else name
+        rows.append({"name": full, "tok_s": tok_s, "bytes_per_token": nbytes, "roofline_tok_s": roof,
                      "roofline_frac": tok_s / roof, "note": extra})
         print(f"  {name:<34} {tok_s:7.2f} tok/s   {nbytes / 1e9:6.3f} GB/token   {100 * tok_s / roof:5.1f}% of "
               f"roofline ({roof:.1f} tok/s) {extra}", flush=True)

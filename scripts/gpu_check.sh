@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 4's GPU check, as one command on a CUDA machine, from the repository root; results go to ${OUT:-gpu_out}.
-#  1. the device-parametrised tests (tests taking the `device` fixture) on CUDA: transformers parity of the logits
-#     and of greedy generate, cache vs full recompute, ragged batches, seeded sampling, compiled decode (herd's CUDA graph);
+#  1. the tests that take the `device` fixture, on CUDA: logits and greedy ids vs transformers, cache vs full
+#     recompute, ragged batches, seeded sampling, overlapped steps, compiled decode (herd's CUDA graph);
 #  2. bf16 decode and prefill speed of the Llama-3.2-1B and Llama-3.1-8B shapes on random weights, against
 #     transformers and the GPU's copy bandwidth (benchmarks/decode.py --device cuda --compile).
 # Only torch, transformers, safetensors and tqdm are needed (herd runs from src/, its CPU kernels stay off).
