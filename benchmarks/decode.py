@@ -90,12 +90,12 @@ def herd_decode(model, prompt: list[int], new: int, repeats: int, engine: Engine
     return best
 
 
-def compiled_engine(model, prompt: list[int], cudagraphs: bool | str | None = None) -> tuple[Engine, float]:
+def compiled_engine(model, prompt: list[int], cudagraphs: bool | str = True) -> tuple[Engine, float]:
     """An engine whose decode step goes through torch.compile; -> (engine, seconds its first call took to compile).
-    cudagraphs: None = the engine's default, False = none, "torch" = torch.compile's mode="reduce-overhead"."""
-    engine = Engine(model, compile=True, cudagraphs=cudagraphs if cudagraphs != "torch" else False)
+    cudagraphs (CUDA): True = herd's CudaGraphStep, False = none, "torch" = torch.compile's mode="reduce-overhead"."""
+    engine = Engine(model, compile=True, cudagraphs=cudagraphs is True)
     if cudagraphs == "torch":
-        engine._decode = compile_step(decode_one, model, cudagraphs=True)
+        engine._decode = compile_step(decode_one, model, torch_cudagraphs=True)
     t0 = time.perf_counter()
     for _ in engine.generate([prompt], GREEDY, max_new_tokens=3):
         pass
@@ -234,14 +234,13 @@ def main(argv=None) -> int:
     kv_bytes = kv_cache_bytes_per_token(args) * (a.prompt + a.new)  # eager attention reads the request's slots
     rows = []
 
-    def add(name, tok_s, nbytes, extra="", parent=""):
-        """One table row; a row printed as "  same, ..." under `parent` is named in full in the JSON."""
+    def add(name, tok_s, nbytes, extra="", shown=None):
+        """One table row, printed as `shown` (default: its name)."""
         roof = BW / nbytes
-        full = f"{parent}, {name.strip().removeprefix('same, ')}" if parent else name
-        rows.append({"name": full, "tok_s": tok_s, "bytes_per_token": nbytes, "roofline_tok_s": roof,
+        rows.append({"name": name, "tok_s": tok_s, "bytes_per_token": nbytes, "roofline_tok_s": roof,
                      "roofline_frac": tok_s / roof, "note": extra})
-        print(f"  {name:<34} {tok_s:7.2f} tok/s   {nbytes / 1e9:6.3f} GB/token   {100 * tok_s / roof:5.1f}% of "
-              f"roofline ({roof:.1f} tok/s) {extra}", flush=True)
+        print(f"  {shown or name:<34} {tok_s:7.2f} tok/s   {nbytes / 1e9:6.3f} GB/token   "
+              f"{100 * tok_s / roof:5.1f}% of roofline ({roof:.1f} tok/s) {extra}", flush=True)
 
     print(f"## decode: batch 1, prompt {a.prompt}, {a.new} new tokens (greedy)", flush=True)
     bf16_bytes = weight_bytes_per_token(base) + kv_bytes
@@ -296,8 +295,8 @@ def main(argv=None) -> int:
         print("## torch.compile (inductor" + (", freezing" if on_cpu else "") + ") of the decode step", flush=True)
         # CPU: with herd's kernels, and plain nn.Linear layers that inductor prepacks. CUDA: the engine's default
         # (herd's CudaGraphStep), torch's own CUDA graphs (mode="reduce-overhead"), and none (kernel launches).
-        variants = ((("herd kernels", True, None), ("F.linear", False, None)) if on_cpu
-                    else (("CUDA graph", False, None), ("torch reduce-overhead", False, "torch"),
+        variants = ((("herd kernels", True, True), ("F.linear", False, True)) if on_cpu
+                    else (("CUDA graph", False, True), ("torch reduce-overhead", False, "torch"),
                           ("no CUDA graphs", False, False)))
         for label, kernels, graphs in variants:
             m = base if not on_cpu else copy.deepcopy(base)  # CUDA: same weights (an 8B copy would not fit twice)
@@ -317,10 +316,10 @@ def main(argv=None) -> int:
             if not on_cpu:  # where the rest of the time goes: the host loop around the step, or the step itself
                 engine.overlap = False
                 s = herd_decode(m, prompt, a.new, a.repeats, engine=engine)
-                parent = f"herd bf16 compiled, {label}"
-                add("  same, steps not overlapped", s["decode_tok_s"], bf16_bytes, parent=parent)
-                add("  same, step alone (no host sync)", step_alone(engine, a.prompt, a.new), bf16_bytes,
-                    parent=parent)
+                add(f"herd bf16 compiled, {label}, steps not overlapped", s["decode_tok_s"], bf16_bytes,
+                    shown="  same, steps not overlapped")
+                add(f"herd bf16 compiled, {label}, step alone (no host sync)", step_alone(engine, a.prompt, a.new),
+                    bf16_bytes, shown="  same, step alone (no host sync)")
                 m.clear_caches()
             del engine
             if on_cpu:

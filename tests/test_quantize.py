@@ -139,6 +139,10 @@ def test_decode_sdpa_routes_only_decode_steps():
         torch.ops.herd.decode_attention(q1, k, v, mask.float())
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.herd.decode_attention(q1.bfloat16(), k, v, mask)
+    with pytest.raises(RuntimeError, match="bad shapes"):  # no KV heads: an error, not a division by zero
+        torch.ops.herd.decode_attention(q1, k[:, :0], v[:, :0], mask)
+    with pytest.raises(RuntimeError, match="mask"):
+        torch.ops.herd.decode_attention(q1, k, v, mask[..., :5])
 
 
 @needs_kernels

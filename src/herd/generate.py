@@ -170,14 +170,14 @@ class Engine:
         model: a Transformer in eval mode, on its device and dtype.
         max_seq_len: cap on prompt + new tokens (default: the model's context).
         compile: torch.compile the decode step (inductor; `freezing` folds weights as constants, CPU only).
-            On CUDA the compiled step is also captured as a CUDA graph per (batch, cache length) unless
-            `cudagraphs=False` (see CudaGraphStep).
+        cudagraphs: on CUDA, also capture the compiled step as a CUDA graph per (batch, cache length)
+            (CudaGraphStep).
         min_kv_bucket: smallest attention length of the compiled step (lengths are rounded up to powers of two).
         overlap: launch each decode step before the previous step's tokens are read back (default: on a GPU).
     """
 
     def __init__(self, model: Transformer, *, max_seq_len: int | None = None, compile: bool = False,
-                 freezing: bool = True, cudagraphs: bool | None = None, min_kv_bucket: int = 256,
+                 freezing: bool = True, cudagraphs: bool = True, min_kv_bucket: int = 256,
                  overlap: bool | None = None):
         self.model = model
         self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
@@ -186,10 +186,10 @@ class Engine:
         self.overlap = self.device.type != "cpu" if overlap is None else overlap
         self.last_stats: dict = {}
         self._prefill, self._decode = prefill, decode_one
-        if compile and self.device.type == "cuda" and cudagraphs is not False:
-            self._decode = CudaGraphStep(compile_step(decode_one, model, cudagraphs=False))
-        elif compile:
-            self._decode = compile_step(decode_one, model, freezing=freezing, cudagraphs=cudagraphs)
+        if compile:
+            self._decode = compile_step(decode_one, model, freezing=freezing)
+            if cudagraphs and self.device.type == "cuda":
+                self._decode = CudaGraphStep(self._decode)
 
     @property
     def device(self) -> torch.device:
@@ -270,7 +270,6 @@ class Engine:
         # With overlap (a GPU), the next step is launched before this step's tokens are read back, so the GPU
         # computes step n+1 while the host waits for, checks and hands out step n (that work is wasted only if
         # every row stops at step n). On the CPU, where every op runs as it is called, a step runs only when needed.
-        ahead = self.overlap
 
         t0 = time.perf_counter()
         t_first, steps, emitted = None, 0, 0
@@ -292,7 +291,7 @@ class Engine:
                         top_t = torch.topk(logp, top_logprobs, dim=-1)
                 del raw, logits  # a CUDA-graph step reuses its output buffer: nothing may read it past here
                 last = step == max_new_tokens - 1
-                if ahead and not last:  # feed this step's tokens at their positions (prompt length + step)
+                if self.overlap and not last:  # feed this step's tokens at their positions (prompt length + step)
                     logits = self._decode(self.model, nxt[:, None], pos[:, None], kv_len)
                     pos = pos + 1
                 ids = nxt.tolist()  # the host sync of this step
@@ -321,7 +320,7 @@ class Engine:
                 yield out
                 if all(done[i] or i in stop_rows for i in range(bsz)):
                     break
-                if not ahead:
+                if not self.overlap:
                     logits = self._decode(self.model, nxt[:, None], pos[:, None], kv_len)
                     pos = pos + 1
         finally:  # also when the consumer stops early (Ctrl-C, a stop string)
@@ -343,16 +342,15 @@ def _stats(n_prompt: int, bsz: int, steps: int, emitted: int, t0: float, t_first
     }
 
 
-def compile_step(fn, model: Transformer, *, freezing: bool = True, cudagraphs: bool | None = None):
+def compile_step(fn, model: Transformer, *, freezing: bool = True, torch_cudagraphs: bool = False):
     """torch.compile a step function (inductor, static shapes). `freezing` (CPU) folds the weights as constants,
-    which lets inductor prepack them; it is applied only while the compiled function runs. `cudagraphs` (default:
-    on for a CUDA model) replays each decode step as one CUDA graph: batch-1 decode launches a few hundred small
-    kernels per token, and without graphs the GPU waits on those launches rather than on its memory."""
+    which lets inductor prepack them; it is applied only while the compiled function runs. `torch_cudagraphs` uses
+    torch's own CUDA graphs (mode="reduce-overhead"); the engine uses CudaGraphStep instead, which replays faster
+    (benchmarks/decode.py compares the two)."""
     import torch._inductor.config as inductor_config
 
     on_cpu = model.tok_embeddings.weight.device.type == "cpu"
-    graphs = (not on_cpu) if cudagraphs is None else cudagraphs
-    compiled = torch.compile(fn, dynamic=False, mode="reduce-overhead" if graphs else None)
+    compiled = torch.compile(fn, dynamic=False, mode="reduce-overhead" if torch_cudagraphs else None)
 
     def run(*args):
         # CPU: the step also runs from C++ (cpp_wrapper) rather than a Python wrapper calling ~250 kernels one by

@@ -293,9 +293,16 @@ void in_passes(int64_t M, const P& pass) {
 // Per-call buffers live in thread-local scratch and the fp32 results are converted into the caller's dtype here:
 // a decode step makes ~113 kernel calls, and a tensor allocation plus an ATen dtype copy on each side of every call
 // cost ~2 ms per token (4% of an int8 1B step) before this.
-float* scratch(std::vector<float>& buf, int64_t n) {
+template <typename T>
+T* scratch(std::vector<T>& buf, int64_t n) {
   if (buf.size() < static_cast<size_t>(n)) buf.resize(n);
   return buf.data();
+}
+
+// the fp32 results of this thread's current linear call (read by to_output before the next call)
+float* y_scratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  return scratch(buf, n);
 }
 
 // fp32 y (M, N) -> a new (M, N) tensor of x's dtype (bf16 rounded to nearest even, as Tensor.to does)
@@ -326,8 +333,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) {
   check_x(x, K, 32);
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "w must be contiguous bf16 (N, K)");
   auto xb = x.to(at::kBFloat16).contiguous();
-  thread_local std::vector<float> ybuf;
-  float* y = scratch(ybuf, M * N);
+  float* y = y_scratch(M * N);
 #ifdef HERD_AVX512
   auto xp = (const uint16_t*)xb.data_ptr();
   auto wp = (const uint16_t*)w.data_ptr();
@@ -357,17 +363,17 @@ Int16Rows int16_rows(const at::Tensor& x, int64_t B) {
   const int64_t M = x.size(0), K = x.size(1);
   thread_local std::vector<int16_t> q;
   thread_local std::vector<float> s, sum;
-  if (q.size() < static_cast<size_t>(M * K)) q.resize(M * K);
+  int16_t* xq = scratch(q, M * K);
   float* xs = scratch(s, M * (K / B));
   float* xsum = scratch(sum, M * (K / B));
   auto xc = x.contiguous();
   if (xc.scalar_type() == at::kBFloat16) {
-    quantize_x(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), M, K, B, q.data(), xs, xsum);
+    quantize_x(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), M, K, B, xq, xs, xsum);
   } else {
     auto xf = xc.to(at::kFloat);
-    quantize_x(xf.data_ptr<float>(), M, K, B, q.data(), xs, xsum);
+    quantize_x(xf.data_ptr<float>(), M, K, B, xq, xs, xsum);
   }
-  return {q.data(), xs, xsum};
+  return {xq, xs, xsum};
 }
 #endif
 
@@ -378,8 +384,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), "w must be contiguous int8 (N, K)");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N, "scales must be fp32 (N,)");
   auto sf = scales.contiguous();
-  thread_local std::vector<float> ybuf;
-  float* y = scratch(ybuf, M * N);
+  float* y = y_scratch(M * N);
 #ifdef HERD_AVX512
   const Int16Rows xr = int16_rows(x, kInt8Block);
   auto wp = w.data_ptr<int8_t>();
@@ -410,8 +415,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   for (auto* t : {&scales, &mins})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == N * (K / G),
                 "scales and mins must be contiguous bf16 (N, K/G)");
-  thread_local std::vector<float> ybuf;
-  float* y = scratch(ybuf, M * N);
+  float* y = y_scratch(M * N);
 #ifdef HERD_AVX512
   const Int16Rows xr = int16_rows(x, G);
   auto wp = w.data_ptr<uint8_t>();
@@ -555,7 +559,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes(),
               "decode_attention takes q (B, H, 1, D) and k, v (B, KVH, S, D)");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KVH = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(0) >= B && k.size(3) == D && H % KVH == 0 && D % 16 == 0, "bad shapes for decode_attention");
+  TORCH_CHECK(KVH > 0 && D > 0 && k.size(0) >= B && k.size(3) == D && H % KVH == 0 && D % 16 == 0,
+              "bad shapes for decode_attention");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
                   (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat),
               "q, k, v must share one dtype, bf16 or fp32");
