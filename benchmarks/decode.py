@@ -2,8 +2,8 @@
 
 Batch-1 decode reads every weight once per token, so its ceiling is (read bandwidth) / (bytes read per token).
 This script measures the bandwidth first, then tok/s and the fraction of that roofline for: herd bf16 (eager, with
-and without herd's CPU kernels), transformers bf16, herd int8 and int4, herd under torch.compile, and the prefill
-of a long prompt. Timings are the best of --repeats runs (other work on the machine only slows runs down).
+and without herd's CPU kernels), transformers bf16, herd int8 and int4, herd under torch.compile, the prefill of a
+long prompt, and llama.cpp (llama-cpp-python) on the same weights written as GGUF BF16, Q8_0 and Q4_0. Timings are the best of --repeats runs (other work on the machine only slows runs down).
 
     .venv/bin/python benchmarks/decode.py                      # the issue's setting: Llama-3.2-1B shape, 2 threads
     .venv/bin/python benchmarks/decode.py --smoke              # seconds: 2-layer 256-dim model, short prompts
@@ -24,6 +24,7 @@ import copy
 import gc
 import json
 import platform
+import tempfile
 import time
 
 import torch
@@ -165,6 +166,81 @@ def hf_prefill(hf, prompt: list[int], repeats: int) -> float:
     return len(prompt) / min(_timed(lambda: hf.generate(ids, **kw)) for _ in range(repeats))
 
 
+def llama_cpp_decode(path: Path, prompt: list[int], new: int, repeats: int, threads: int) -> float:
+    """llama.cpp's best greedy decode tok/s on a GGUF file, through llama-cpp-python: tokens after the first / time,
+    as herd's rows count them (its argmax over the logits included, as herd's sampling is)."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new, n_batch=len(prompt), n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    n_vocab, best = llm.n_vocab(), 0.0
+
+    def greedy() -> int:  # the last position's logits, read in place
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))))
+
+    try:
+        for i in range(repeats + 1):  # the first run pages the mmapped file in; it is not counted
+            llm.reset()
+            llm.eval(prompt)
+            tok = greedy()
+            t = time.perf_counter()
+            for _ in range(new - 1):
+                llm.eval([tok])
+                tok = greedy()
+            if i:
+                best = max(best, (new - 1) / (time.perf_counter() - t))
+    finally:
+        llm.close()
+    return best
+
+
+def llama_cpp_skip_reason(device: str, vocab_size: int) -> str | None:
+    """Why llama.cpp cannot run here, or None."""
+    if device != "cpu":
+        return "llama-cpp-python is built for the CPU here"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "llama-cpp-python is not installed"
+    from herd.tokenizer import load_tokenizer
+
+    if load_tokenizer().n_words != vocab_size:  # the GGUF carries the tokenizer, which must match the head
+        return f"the GGUF needs the Llama 3 vocabulary (128256 ids), this run's vocab is {vocab_size}"
+    return None
+
+
+def llama_cpp_rows(base, args, prompt, a, kv_bytes, add, rows, res) -> None:
+    """llama.cpp on the same weights: each GGUF type is written, measured and deleted in turn. Bytes per token are
+    the file's tensor bytes (the tied head reads token_embd whole) plus the request's f16 KV cache."""
+    import llama_cpp
+
+    from herd.gguf import GGUFFile, write_gguf
+    from herd.tokenizer import load_tokenizer
+
+    print(f"## llama.cpp (llama-cpp-python {llama_cpp.__version__}), same weights as GGUF, {a.threads} threads",
+          flush=True)
+    tok, sd, rates = load_tokenizer(), base.state_dict(), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for gtype in ("bf16", "q8_0", "q4_0"):
+            path = write_gguf(sd, args, tok, Path(tmp) / f"model-{gtype}.gguf", dtype=gtype)
+            f = GGUFFile(path)
+            nbytes = sum(t.nbytes for t in f.tensors.values()) + kv_bytes
+            f.close()
+            rates[gtype] = llama_cpp_decode(path, prompt, a.new, a.repeats, a.threads)
+            path.unlink()
+            add(f"llama.cpp {gtype.upper()}", rates[gtype], nbytes)
+    # herd's best row of the matching width (eager or compiled), over llama.cpp's
+    vs = {}
+    for dtype, gtype in (("bf16", "bf16"), ("int8", "q8_0"), ("int4", "q4_0")):
+        mine = [r["tok_s"] for r in rows if r["name"].startswith(f"herd {dtype} ")]
+        if mine and rates[gtype]:
+            vs[dtype] = max(mine) / rates[gtype]
+    res["vs_llama_cpp"] = vs
+    print("  herd (best row) / llama.cpp decode: " + ", ".join(
+        f"{d} {v:.2f}x" for d, v in vs.items()) + "  (int8 vs Q8_0, int4 vs Q4_0)", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="llama-3.2-1b", help="model shape (default llama-3.2-1b)")
@@ -184,6 +260,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bw-mib", type=int, default=2048, help="bandwidth probe buffer (default 2048 MiB)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--no-quant", action="store_true", help="skip int8/int4")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp (GGUF BF16, Q8_0, Q4_0 of the same "
+                                                                "weights, through llama-cpp-python)")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (inductor, freezing)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: --layers 2 --dim 256 --heads 4 --vocab 4096 "
                                                          "--prompt 16 --new 16 --prefill 64 --repeats 1 --bw-mib 256")
@@ -245,6 +323,7 @@ def main(argv=None) -> int:
     print(f"## decode: batch 1, prompt {a.prompt}, {a.new} new tokens (greedy)", flush=True)
     bf16_bytes = weight_bytes_per_token(base) + kv_bytes
     on_cpu = a.device == "cpu"
+    kern = ", herd kernels" if on_cpu and cpu_kernels() else ""  # elsewhere the quantized layers run PyTorch ops
     if on_cpu:
         plain = herd_decode(base, prompt, a.new, a.repeats)
         add("herd bf16 eager, F.linear", plain["decode_tok_s"], bf16_bytes)
@@ -261,7 +340,7 @@ def main(argv=None) -> int:
             th = hf_decode(hf, prompt, a.new, 1)
             t = th if t is None or th["decode_tok_s"] > t["decode_tok_s"] else t
     base.clear_caches()
-    add("herd bf16 eager" + (", herd kernels" if on_cpu else ""), herd["decode_tok_s"], bf16_bytes)
+    add(f"herd bf16 eager{kern}", herd["decode_tok_s"], bf16_bytes)
     if hf is not None:
         add("transformers bf16 eager", t["decode_tok_s"], bf16_bytes)
         res["speedup_vs_transformers"] = herd["decode_tok_s"] / t["decode_tok_s"]
@@ -346,7 +425,7 @@ def main(argv=None) -> int:
 
         q_rates = alternate({dtype: Engine(m) for dtype, m in models.items()})
         for dtype in models:
-            add(f"herd {dtype} eager, herd kernels", q_rates[dtype], nbytes[dtype])
+            add(f"herd {dtype} eager{kern}", q_rates[dtype], nbytes[dtype])
         c_rates = {}
         if a.compile:  # smaller weights: the per-token overheads that compile removes matter more
             engines, compile_s = {}, {}
@@ -355,7 +434,7 @@ def main(argv=None) -> int:
                 engines[dtype], compile_s[dtype] = compiled_engine(m, prompt)
             c_rates = alternate(engines)
             for dtype in models:
-                add(f"herd {dtype} compiled, herd kernels", c_rates[dtype], nbytes[dtype],
+                add(f"herd {dtype} compiled{kern}", c_rates[dtype], nbytes[dtype],
                     f"(compile {compile_s[dtype]:.0f} s)")
         del models
         gc.collect()
@@ -365,6 +444,11 @@ def main(argv=None) -> int:
             res["int4_over_int8_compiled"] = c_rates["int4"] / c_rates["int8"]
             print(f", {res['int4_over_int8_compiled']:.2f}x compiled", end="")
         print(flush=True)
+    why_not = "--no-llama-cpp" if a.no_llama_cpp else llama_cpp_skip_reason(a.device, args.vocab_size)
+    if why_not:
+        print(f"## llama.cpp: skipped ({why_not})", flush=True)
+    else:
+        llama_cpp_rows(base, args, prompt, a, kv_bytes, add, rows, res)
     res["rows"] = rows
     bw_end = measure_bandwidth(a.device, a.bw_mib, max(3, a.repeats))
     res["bandwidth_end_gb_s"] = bw_end

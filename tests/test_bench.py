@@ -43,8 +43,9 @@ def test_cli_smoke_runs_every_benchmark(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     table = [ln for ln in p.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| benchmark")]
     benches = [ln.split("|")[1].strip() for ln in table]
-    # decode: F.linear, herd kernels, int8, int4; then prefill; train: eager (smoke skips compile); serve: 4 clients
-    assert benches == ["decode"] * 4 + ["prefill", "train", "serve"], p.stdout
+    # decode: F.linear, herd kernels, int8, int4, then bf16/int8/int4 vs llama.cpp; prefill; train: eager (smoke
+    # skips compile); serve: 4 clients
+    assert benches == ["decode"] * 7 + ["prefill", "train", "serve"], p.stdout
     assert "FAILED" not in p.stdout and "of memory roofline" in p.stdout and "MFU" in p.stdout
     assert "64-token prompt" in p.stdout and "of bf16 matmul peak" in p.stdout
     for stage in ("decode", "train", "serve"):  # progress lines
@@ -56,11 +57,15 @@ def test_cli_smoke_runs_every_benchmark(tmp_path):
     assert set(res["stages"]) == {"decode", "train", "serve"} and all(s["ok"] for s in res["stages"].values())
     rows = res["rows"]
     assert all(r["value"] > 0 and r["ratio"] > 0 and r["baseline_value"] > 0 for r in rows)
+    decode = res["stages"]["decode"]["result"]
+    assert [r["baseline"] for r in rows[4:7]] == ["llama.cpp BF16", "llama.cpp Q8_0", "llama.cpp Q4_0"]
+    for row, width in zip(rows[4:7], ("bf16", "int8", "int4")):
+        assert row["ratio"] == pytest.approx(decode["vs_llama_cpp"][width])
     serve = res["stages"]["serve"]["result"]["levels"]
     assert rows[-1]["ratio"] == pytest.approx(serve[1]["tok_s"] / serve[0]["tok_s"])
     train = res["stages"]["train"]["result"]
     herd_row, hf_row = train["rows"]
-    assert rows[5]["ratio"] == pytest.approx(herd_row["tok_s"] / hf_row["tok_s"])
+    assert rows[8]["ratio"] == pytest.approx(herd_row["tok_s"] / hf_row["tok_s"])
 
 
 def test_bad_only_is_a_clear_error(capsys):
@@ -152,3 +157,36 @@ def test_decode_script_on_cuda_or_a_clear_error():
     p = subprocess.run([sys.executable, str(bench.benchmarks_dir() / "decode.py"), "--smoke", "--device", "cuda"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "torch sees no CUDA device" in p.stderr
+
+
+def test_decode_script_says_why_llama_cpp_did_not_run():
+    """llama.cpp needs a GGUF with the Llama 3 tokenizer: another vocabulary size skips it, in words."""
+    p = subprocess.run([sys.executable, str(bench.benchmarks_dir() / "decode.py"), "--smoke", "--no-hf",
+                        "--no-quant", "--prefill", "0"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "## llama.cpp: skipped (the GGUF needs the Llama 3 vocabulary (128256 ids), this run's vocab is 4096)" \
+        in p.stdout
+    p = subprocess.run([sys.executable, str(bench.benchmarks_dir() / "decode.py"), "--smoke", "--no-hf",
+                        "--no-quant", "--prefill", "0", "--no-llama-cpp"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "## llama.cpp: skipped (--no-llama-cpp)" in p.stdout
+
+
+def test_decode_rows_gpu_names_and_llama_cpp():
+    """GPU rows carry no ", herd kernels" and still find their baselines; llama.cpp rows become comparisons of herd's
+    fastest row of each width (eager or compiled) against the matching GGUF type."""
+    res = {"rows": [
+        {"name": "herd bf16 eager", "tok_s": 50.0, "roofline_frac": 0.2, "note": ""},
+        {"name": "transformers bf16 eager", "tok_s": 40.0, "roofline_frac": 0.16, "note": ""},
+        {"name": "herd int8 eager", "tok_s": 30.0, "roofline_frac": 0.06, "note": ""},
+        {"name": "herd int8 compiled", "tok_s": 90.0, "roofline_frac": 0.18, "note": "(compile 9 s)"},
+        {"name": "llama.cpp BF16", "tok_s": 25.0, "roofline_frac": 0.1, "note": ""},
+        {"name": "llama.cpp Q8_0", "tok_s": 45.0, "roofline_frac": 0.09, "note": ""},
+        {"name": "llama.cpp Q4_0", "tok_s": 60.0, "roofline_frac": 0.07, "note": ""},  # no herd int4 row: no pair
+    ]}
+    rows = bench.decode_rows(res)
+    assert [(r.what, r.baseline) for r in rows] == [
+        ("bf16 eager", "transformers bf16"), ("int8 eager", "herd bf16 eager"),
+        ("int8 compiled (compile 9 s)", ""),  # no compiled bf16 row: no baseline, no ratio
+        ("bf16 eager vs llama.cpp", "llama.cpp BF16"), ("int8 compiled vs llama.cpp", "llama.cpp Q8_0")]
+    assert [r.ratio for r in rows] == [1.25, 0.6, None, 2.0, 2.0]
+    assert rows[4].limit == "18.0% of memory roofline (llama.cpp 9.0%)"

@@ -42,7 +42,7 @@ PRESET_ARGS: dict[str, dict[str, list[str]]] = {
         "serve": ["--levels", "1", "8", "32", "--requests", "1"],
     },
     "smoke": {
-        "decode": ["--smoke"],
+        "decode": ["--smoke", "--vocab", "128256"],  # Llama 3's vocabulary, so llama.cpp runs too
         "train": ["--dim", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--vocab", "2048", "--seq",
                   "128", "--steps", "2", "--warmup", "1", "--no-compile"],
         "serve": ["--dim", "64", "--levels", "1", "4", "--requests", "1", "--tokens", "8"],
@@ -270,23 +270,33 @@ class Row:
 
 def decode_rows(res: dict, peak_tflops: float | None = None) -> list[Row]:
     """Decode rows from benchmarks/decode.py's JSON. bf16 rows are compared with transformers bf16; int8 with herd
-    bf16 and int4 with herd int8 in the same mode (eager or compiled), the ratios the weights' sizes promise."""
+    bf16 and int4 with herd int8 in the same mode (eager or compiled), the ratios the weights' sizes promise. Where
+    llama.cpp ran, herd's fastest row of each width is also compared with it (bf16 / Q8_0 / Q4_0)."""
     by_name = {r["name"]: r for r in res["rows"]}
     peer = next((r for r in res["rows"] if r["name"].startswith("transformers")), None)
+    llama = {r["name"].removeprefix("llama.cpp "): r for r in res["rows"] if r["name"].startswith("llama.cpp ")}
     rows = []
     for r in res["rows"]:
-        if r is peer:
+        if r is peer or r["name"].startswith("llama.cpp "):
             continue
         base_name, base = "transformers bf16", peer
         for q, lower in (("int8", "bf16"), ("int4", "int8")):
             if r["name"].startswith(f"herd {q} "):
                 mode = r["name"].removeprefix(f"herd {q} ").split(",")[0]  # eager | compiled
-                base = by_name.get(f"herd {lower} {mode}, herd kernels")
+                base = by_name.get(f"herd {lower} {mode}, herd kernels") or by_name.get(f"herd {lower} {mode}")
                 base_name = f"herd {lower} {mode}"
         rows.append(Row("decode", r["name"].removeprefix("herd ") + (f" {r['note']}" if r.get("note") else ""),
                         r["tok_s"], baseline=base_name if base else "",
                         baseline_value=base["tok_s"] if base else None,
                         limit=f"{r['roofline_frac']:.1%} of memory roofline"))
+    for width, gtype in (("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0")):
+        mine = [r for r in res["rows"] if r["name"].startswith(f"herd {width} ")]
+        if gtype in llama and mine:
+            best, theirs = max(mine, key=lambda r: r["tok_s"]), llama[gtype]
+            rows.append(Row("decode", f"{best['name'].removeprefix('herd ')} vs llama.cpp", best["tok_s"],
+                            baseline=f"llama.cpp {gtype}", baseline_value=theirs["tok_s"],
+                            limit=f"{best['roofline_frac']:.1%} of memory roofline (llama.cpp "
+                                  f"{theirs['roofline_frac']:.1%})"))
     pre = res.get("prefill_tok_s")
     if pre:
         flops = res.get("prefill_flops_per_token")
@@ -425,7 +435,7 @@ def format_report(report: BenchReport) -> str:
         lines.append(f"# GPU {fp.gpu['name']}: bandwidth (GB/s) "
                      + ", ".join(f"{k} {v:.0f}" for k, v in fp.gpu["bandwidth_gb_s"].items()) + "; matmul peak "
                      "(TFLOP/s) " + ", ".join(f"{k} {v:.0f}" for k, v in fp.gpu["matmul_tflops"].items())
-                     + " (the benchmark scripts below run on the CPU)")
+                     + " (decode and prefill run on the GPU, training and the server on the CPU)")
     if report.model:
         lines.append(f"# decode model: {report.model}")
     lines += ["", "| benchmark | what | herd | baseline | ratio | of hardware limit |", "|---|---|---:|---|---:|---|"]

@@ -372,7 +372,8 @@ def add_bench(sub) -> None:
                                                            "defaults (whose decode run alone is ~10 min on 2 cores)")
     size.add_argument("--smoke", action="store_true", help="tiny shapes: seconds (checks that everything runs)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cuda: also fingerprint the GPU (the benchmark scripts run on the CPU)")
+                   help="cuda: also fingerprint the GPU; the decode stage runs on it (train and serve stay "
+                        "on the CPU)")
     p.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
     p.add_argument("--json", help="also write the fingerprint, rows and each script's results to this file")
     p.set_defaults(func=_bench)
