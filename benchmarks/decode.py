@@ -263,6 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp (GGUF BF16, Q8_0, Q4_0 of the same "
                                                                 "weights, through llama-cpp-python)")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (inductor, freezing)")
+    ap.add_argument("--compile-default-only", action="store_true",
+                    help="with --compile, only the engine's default (CPU: herd kernels; CUDA: herd's CUDA graph)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: --layers 2 --dim 256 --heads 4 --vocab 4096 "
                                                          "--prompt 16 --new 16 --prefill 64 --repeats 1 --bw-mib 256")
     ap.add_argument("--gate", type=float, default=0.0, help="before each timed run, wait until torch's sum reads "
@@ -377,7 +379,7 @@ def main(argv=None) -> int:
         variants = ((("herd kernels", True, True), ("F.linear", False, True)) if on_cpu
                     else (("CUDA graph", False, True), ("torch reduce-overhead", False, "torch"),
                           ("no CUDA graphs", False, False)))
-        for label, kernels, graphs in variants:
+        for label, kernels, graphs in variants[:1] if a.compile_default_only else variants:
             m = base if not on_cpu else copy.deepcopy(base)  # CUDA: same weights (an 8B copy would not fit twice)
             if not kernels:  # back to plain nn.Linear layers, so inductor sees and prepacks the matmuls
                 restore_linears(m)

@@ -101,6 +101,46 @@ def test_kernel_path_equals_fallback_path():
         assert torch.allclose(fast, slow.detach(), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("gs", [None, 32, 64, 128])
+def test_fused_decode_matmuls_equal_the_dequantized_reference(gs):
+    """The multiply + sum forms that GPUs decode with under torch.compile, eagerly, against dequantize + F.linear."""
+    from herd.quantize import int4_decode_matmul, int8_decode_matmul
+
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 256), torch.randn(2, 3, 256)
+    if gs is None:
+        q, s = quantize_int8(w)
+        ours, ref = int8_decode_matmul(x, q, s), F.linear(x, dequantize_int8(q, s))
+    else:
+        q, s, m = quantize_int4(w, gs)
+        ours, ref = int4_decode_matmul(x, q, s, m, gs), F.linear(x, dequantize_int4(q, s, m, gs))
+    assert ours.shape == (2, 3, 48)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_compiled_decode_takes_the_fused_form(kind, device, monkeypatch):
+    """Under torch.compile a decode-sized input takes the fused form (allowed on the CPU here, so that CI runs it;
+    it is CUDA's path), with the same outputs as the eager path."""
+    import herd.quantize as hq
+
+    monkeypatch.setattr(hq, "FUSED_DECODE_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(hq, "_kernel_ok", lambda *a: False)  # the CPU kernels would take CPU inputs first
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=False)
+    mod = (Int8Linear.from_linear(lin) if kind == "int8" else Int4Linear.from_linear(lin, 64)).to(device)
+    calls = []
+    fused = hq.int8_decode_matmul if kind == "int8" else hq.int4_decode_matmul
+    monkeypatch.setattr(hq, fused.__name__, lambda *a: calls.append(1) or fused(*a))
+    x = torch.randn(1, 1, 256, device=device)
+    with torch.no_grad():
+        eager = mod(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(mod, fullgraph=True)(x)
+    assert calls, "the compiled forward did not take the fused form"
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 2, 64), (4, 4, 32), (6, 1, 16), (32, 8, 128)])
