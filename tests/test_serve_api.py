@@ -207,13 +207,15 @@ def test_queue_full_and_disconnect_while_queued(oracle):
         eng = srv.ctx.engine
         long = {"model": MODEL, "messages": USER, "max_tokens": 450, "stream": True}
         with c.stream("POST", "/v1/chat/completions", json=long) as first:
-            next(first.iter_lines())
+            first_lines = first.iter_lines()
+            next(first_lines)
             result = {}
 
-            def queued():  # waits for the row, then gives up after 0.5 s
+            def queued():  # waits for the row, then gives up after 2 s (the queue must still be full when the
+                # next request arrives: 0.5 s was too short on a busy 2-core machine)
                 try:
                     httpx.post(srv.url + "/v1/chat/completions", json={**long, "stream": False},
-                               timeout=httpx.Timeout(30, read=0.5))
+                               timeout=httpx.Timeout(30, read=2.0))
                 except httpx.ReadTimeout:
                     result["timeout"] = True
 
@@ -221,12 +223,13 @@ def test_queue_full_and_disconnect_while_queued(oracle):
             t.start()
             assert wait_until(lambda: eng.waiting == 1)
             r = c.post("/v1/chat/completions", json={**long, "stream": False})
-            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", \
+                (r.status_code, r.text[:300], eng.running, eng.waiting, list(first_lines)[-3:])
             assert r.json()["error"]["code"] == "queue_full"
             t.join(10)
             assert result == {"timeout": True}
             assert wait_until(lambda: eng.waiting == 0), "a queued request outlived its client"
-            assert eng.running == 1
+            assert eng.running == 1, f"the first request's row ended early: {list(first_lines)[-3:]}"
         assert wait_until(lambda: eng.running == 0)
         assert srv.ctx.metrics.rejected.get(reason="queue_full") == 1
 
