@@ -3,7 +3,8 @@
 Batch-1 decode reads every weight once per token, so its ceiling is (read bandwidth) / (bytes read per token).
 This script measures the bandwidth first, then tok/s and the fraction of that roofline for: herd bf16 (eager, with
 and without herd's CPU kernels), transformers bf16, herd int8 and int4, herd under torch.compile, the prefill of a
-long prompt, and llama.cpp (llama-cpp-python) on the same weights written as GGUF BF16, Q8_0 and Q4_0. Timings are the best of --repeats runs (other work on the machine only slows runs down).
+long prompt, and llama.cpp (llama-cpp-python) on the same weights written as GGUF BF16, Q8_0 and Q4_0. Timings are
+the best of --repeats runs (other work on the machine only slows runs down).
 
     .venv/bin/python benchmarks/decode.py                      # the setting: Llama-3.2-1B shape, 2 threads
     .venv/bin/python benchmarks/decode.py --smoke              # seconds: 2-layer 256-dim model, short prompts
@@ -29,7 +30,7 @@ import time
 
 import torch
 
-from herd.bench import measure_bandwidth  # noqa: E402
+from herd.bench import LLAMA_CPP_TYPES, llama_cpp_pairs, measure_bandwidth  # noqa: E402
 from herd.checkpoint import load_model, meta_to_hf  # noqa: E402
 from herd.config import get_config, kv_cache_bytes_per_token  # noqa: E402
 from herd.generate import Engine, SamplingParams, compile_step, decode_one  # noqa: E402
@@ -220,22 +221,18 @@ def llama_cpp_rows(base, args, prompt, a, kv_bytes, add, rows, res) -> None:
 
     print(f"## llama.cpp (llama-cpp-python {llama_cpp.__version__}), same weights as GGUF, {a.threads} threads",
           flush=True)
-    tok, sd, rates = load_tokenizer(), base.state_dict(), {}
+    tok, sd = load_tokenizer(), base.state_dict()
     with tempfile.TemporaryDirectory() as tmp:
-        for gtype in ("bf16", "q8_0", "q4_0"):
-            path = write_gguf(sd, args, tok, Path(tmp) / f"model-{gtype}.gguf", dtype=gtype)
+        for _, gtype in LLAMA_CPP_TYPES:
+            path = write_gguf(sd, args, tok, Path(tmp) / f"model-{gtype}.gguf", dtype=gtype.lower())
             f = GGUFFile(path)
             nbytes = sum(t.nbytes for t in f.tensors.values()) + kv_bytes
             f.close()
-            rates[gtype] = llama_cpp_decode(path, prompt, a.new, a.repeats, a.threads)
+            rate = llama_cpp_decode(path, prompt, a.new, a.repeats, a.threads)
             path.unlink()
-            add(f"llama.cpp {gtype.upper()}", rates[gtype], nbytes)
-    # herd's best row of the matching width (eager or compiled), over llama.cpp's
-    vs = {}
-    for dtype, gtype in (("bf16", "bf16"), ("int8", "q8_0"), ("int4", "q4_0")):
-        mine = [r["tok_s"] for r in rows if r["name"].startswith(f"herd {dtype} ")]
-        if mine and rates[gtype]:
-            vs[dtype] = max(mine) / rates[gtype]
+            add(f"llama.cpp {gtype}", rate, nbytes)
+    # herd's best row of each width (eager or compiled) over llama.cpp's
+    vs = {w: mine["tok_s"] / theirs["tok_s"] for w, mine, theirs in llama_cpp_pairs(rows) if theirs["tok_s"]}
     res["vs_llama_cpp"] = vs
     print("  herd (best row) / llama.cpp decode: " + ", ".join(
         f"{d} {v:.2f}x" for d, v in vs.items()) + "  (int8 vs Q8_0, int4 vs Q4_0)", flush=True)

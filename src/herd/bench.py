@@ -268,13 +268,28 @@ class Row:
         return {**asdict(self), "ratio": self.ratio}
 
 
+# herd's weight width and the GGUF type llama.cpp runs it against
+LLAMA_CPP_TYPES = (("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0"))
+
+
+def llama_cpp_pairs(rows: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(width, herd's fastest decode row of that width, llama.cpp's row of the matching type) where both ran."""
+    by_name = {r["name"]: r for r in rows}
+    pairs = []
+    for width, gtype in LLAMA_CPP_TYPES:
+        mine = [r for r in rows if r["name"].startswith(f"herd {width} ")]
+        theirs = by_name.get(f"llama.cpp {gtype}")
+        if mine and theirs:
+            pairs.append((width, max(mine, key=lambda r: r["tok_s"]), theirs))
+    return pairs
+
+
 def decode_rows(res: dict, peak_tflops: float | None = None) -> list[Row]:
     """Decode rows from benchmarks/decode.py's JSON. bf16 rows are compared with transformers bf16; int8 with herd
     bf16 and int4 with herd int8 in the same mode (eager or compiled), the ratios the weights' sizes promise. Where
     llama.cpp ran, herd's fastest row of each width is also compared with it (bf16 / Q8_0 / Q4_0)."""
     by_name = {r["name"]: r for r in res["rows"]}
     peer = next((r for r in res["rows"] if r["name"].startswith("transformers")), None)
-    llama = {r["name"].removeprefix("llama.cpp "): r for r in res["rows"] if r["name"].startswith("llama.cpp ")}
     rows = []
     for r in res["rows"]:
         if r is peer or r["name"].startswith("llama.cpp "):
@@ -289,14 +304,11 @@ def decode_rows(res: dict, peak_tflops: float | None = None) -> list[Row]:
                         r["tok_s"], baseline=base_name if base else "",
                         baseline_value=base["tok_s"] if base else None,
                         limit=f"{r['roofline_frac']:.1%} of memory roofline"))
-    for width, gtype in (("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_0")):
-        mine = [r for r in res["rows"] if r["name"].startswith(f"herd {width} ")]
-        if gtype in llama and mine:
-            best, theirs = max(mine, key=lambda r: r["tok_s"]), llama[gtype]
-            rows.append(Row("decode", f"{best['name'].removeprefix('herd ')} vs llama.cpp", best["tok_s"],
-                            baseline=f"llama.cpp {gtype}", baseline_value=theirs["tok_s"],
-                            limit=f"{best['roofline_frac']:.1%} of memory roofline (llama.cpp "
-                                  f"{theirs['roofline_frac']:.1%})"))
+    for _, best, theirs in llama_cpp_pairs(res["rows"]):
+        rows.append(Row("decode", f"{best['name'].removeprefix('herd ')} vs llama.cpp", best["tok_s"],
+                        baseline=theirs["name"], baseline_value=theirs["tok_s"],
+                        limit=f"{best['roofline_frac']:.1%} of memory roofline (llama.cpp "
+                              f"{theirs['roofline_frac']:.1%})"))
     pre = res.get("prefill_tok_s")
     if pre:
         flops = res.get("prefill_flops_per_token")

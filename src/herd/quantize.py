@@ -216,7 +216,9 @@ def int8_decode_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -
 
 def int4_decode_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                        group_size: int) -> torch.Tensor:
-    """x (..., K) @ W^T for herd's packed int4 (low nibbles: the first 32 weights of each 64, high: the last 32)."""
+    """x (..., K) @ W^T for herd's packed int4 (low nibbles: the first 32 weights of each 64, high: the last 32).
+    The halves stay apart: written as dequantize_int4 + sum, inductor materializes its torch.cat of the nibbles
+    (two (N, K/2) buffers per call, seen in the generated code) instead of reading the packed bytes once."""
     n, blocks, dt = packed.shape[0], packed.shape[1] // 32, x.dtype
     w = packed.view(n, blocks, 32)
     sc, mn = scales.to(dt), mins.to(dt)
