@@ -9,12 +9,16 @@
 // ~86%. The small loops over rows are unrolled by pragma so every accumulator stays in a register.
 //
 // bf16: `vdpbf16ps` on bf16 x (exact products, fp32 sums).
-// int8 / int4: integer dot products (`vpdpwssd`, int16 x int16 -> int32) against x rounded to int16 with one fp32
-//   scale per block of K (64 for int8, the group size for int4), so the rounding error is at most 2^-16 of the
-//   block's largest |x|; every block's integer sum is converted to fp32 and scaled. Alternatives measured and
-//   dropped: int8 -> fp32 + FMA per weight (compute-bound at ~70% of one core's bandwidth), int4 via the
-//   bf16 "0x4300 | nibble" trick and `vdpbf16ps` (~60%; that instruction issues every other cycle here), int4
-//   unpacked to bytes for `vpdpbusd` with x split in two bytes (no faster once memory-bound, slower for G=32).
+// int8: integer dot products (`vpdpwssd`, int16 x int16 -> int32) against x rounded to int16 with one fp32 scale
+//   per 64 of K, so the rounding error is at most 2^-16 of the block's largest |x|; every block's integer sum is
+//   converted to fp32 and scaled. Dropped: int8 -> fp32 + FMA per weight (compute-bound at ~70% of one core's
+//   bandwidth).
+// int4: `vpdpbusd` (unsigned nibble x int8 x, 4 products per int32 lane) against x rounded to int8 with one scale
+//   per weight group, as llama.cpp rounds x for its 4-bit types (error at most 2^-8 of the group's largest |x|, far
+//   below the 4-bit weights' own). Half the instructions per weight byte of the int16-x form this replaced (which
+//   ran at about the memory rate of one core even with its data in cache), +2-3% decode alone, more where a core has
+//   more bandwidth. Dropped: int4 via the bf16 "0x4300 | nibble" trick and `vdpbf16ps` (~60%; that instruction
+//   issues every other cycle here).
 //
 // Layouts (row-major, one row per output channel):
 //   bf16  w (N, K) bf16.
@@ -111,25 +115,44 @@ void bf16_pass(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_
   });
 }
 
-// ---- int16 activations -----------------------------------------------------------------------------------
+// ---- quantized activations --------------------------------------------------------------------------------
 
-// x (M, K) fp32 or bf16 -> xq (M, K) int16, xs (M, K/B) scales, xsum (M, K/B) = sum of the dequantized x per block.
-template <typename T>
-void quantize_x(const T* x, int64_t M, int64_t K, int64_t B, int16_t* xq, float* xs, float* xsum) {
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// Where x[k] goes in the int4 kernel's int8 x: quarters 1 and 2 of every 128 swapped, so one 64-byte load of packed
+// weights (low nibbles: weights 0-31 and 64-95, high nibbles: 32-63 and 96-127) meets x in its own order.
+inline int64_t int4_x_pos(int64_t k) {
+  const int64_t q = (k / 32) % 4;
+  return q == 1 ? k + 32 : (q == 2 ? k - 32 : k);
+}
+
+// x (M, K) fp32 or bf16 -> xq (M, K) int16 (int8 weights) or int8 (int4 weights, in int4_x_pos order), one fp32
+// scale per block of B (a multiple of 16) in xs (M, K/B), and xsum (M, K/B) = the block sums of the dequantized x.
+// Round to nearest even, as std::nearbyint.
+template <typename Q, typename T>
+void quantize_x(const T* x, int64_t M, int64_t K, int64_t B, Q* xq, float* xs, float* xsum) {
+  constexpr bool i16 = std::is_same_v<Q, int16_t>;
+  constexpr float qmax = i16 ? 32767.f : 127.f;
   for (int64_t m = 0; m < M; m++) {
     for (int64_t b = 0; b < K / B; b++) {
       const T* xb = x + m * K + b * B;
-      float amax = 0.f;
-      for (int64_t i = 0; i < B; i++) amax = std::max(amax, std::abs(static_cast<float>(xb[i])));
-      const float scale = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / scale;
-      int64_t sum = 0;
-      for (int64_t i = 0; i < B; i++) {
-        int16_t v = static_cast<int16_t>(std::nearbyint(static_cast<float>(xb[i]) * inv));
-        xq[m * K + b * B + i] = v;
-        sum += v;
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t i = 0; i < B; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(xb + i)));
+      const float a = _mm512_reduce_max_ps(amax);
+      const float scale = a > 0.f ? a / qmax : 1.f;
+      const __m512 inv = _mm512_set1_ps(1.f / scale);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t i = 0; i < B; i += 16) {
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(xb + i), inv));
+        sum = _mm512_add_epi32(sum, q);
+        if constexpr (i16) _mm256_storeu_si256((__m256i*)(xq + m * K + b * B + i), _mm512_cvtsepi32_epi16(q));
+        else _mm_storeu_si128((__m128i*)(xq + m * K + int4_x_pos(b * B + i)), _mm512_cvtsepi32_epi8(q));
       }
       xs[m * (K / B) + b] = scale;
-      xsum[m * (K / B) + b] = static_cast<float>(sum) * scale;
+      xsum[m * (K / B) + b] = static_cast<float>(_mm512_reduce_add_epi32(sum)) * scale;
     }
   }
 }
@@ -185,18 +208,31 @@ void int8_pass(const int16_t* xq, const float* xs, const int8_t* w, const float*
 
 // ---- int4 -------------------------------------------------------------------------------------------------
 
-// xq/xs/xsum: x quantized in blocks of G (one x scale per weight group).
+// xq/xs/xsum: x as int8 in int4_x_pos order, in blocks of G (one x scale per weight group). Each step takes 128
+// weights of a row (one 64-byte load): low nibbles are weights 0-31 and 64-95, high nibbles 32-63 and 96-127, and
+// `vpdpbusd` (u8 nibble x s8 x, 4 products per int32 lane) multiplies them with the two halves of x. Lanes 0-7 hold
+// weights 0-63 of the 128 and lanes 8-15 weights 64-127, which is how groups of 32 and 64 are told apart.
 template <int MR, int RB, int G>
-void int4_rows(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* w, const uint16_t* sc,
+void int4_rows(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w, const uint16_t* sc,
                const uint16_t* mn, float* y, int64_t n, int64_t stride, int64_t K, int64_t N) {
   const int64_t ng = K / G;
-  const __m512i zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi16(0x0F);
+  const __m512i zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[MR][RB];
-  __m512i part_lo[MR][RB], part_hi[MR][RB];  // the current group's integer sums (G > 32), two chains
+  __m512i part[MR][RB];  // the current group's integer sums (G >= 128)
   #pragma GCC unroll 16
   for (int m = 0; m < MR; m++)
     #pragma GCC unroll 16
-    for (int r = 0; r < RB; r++) acc[m][r] = _mm512_setzero_ps(), part_lo[m][r] = part_hi[m][r] = zero;
+    for (int r = 0; r < RB; r++) acc[m][r] = _mm512_setzero_ps(), part[m][r] = zero;
+  // The next rows' scales and mins, which the hardware prefetcher (following the weight streams) does not fetch:
+  // short reads that otherwise miss at every row start and end (+5% int4 decode here).
+  #pragma GCC unroll 16
+  for (int r = 0; r < RB; r++) {
+    const int64_t next = std::min(n + r * stride + 1, N - 1) * ng;
+    for (int64_t g = 0; g < ng; g += 32) {
+      _mm_prefetch((const char*)(sc + next + g), _MM_HINT_T0);
+      _mm_prefetch((const char*)(mn + next + g), _MM_HINT_T0);
+    }
+  }
   // the fp32 multiplier of each group, weight scale * x scale, computed 16 groups at a time into a per-thread buffer
   thread_local std::vector<float> mul_buf;
   if (mul_buf.size() < static_cast<size_t>(MR * RB * ng)) mul_buf.resize(MR * RB * ng);
@@ -213,30 +249,37 @@ void int4_rows(const int16_t* xq, const float* xs, const float* xsum, const uint
                               _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(mask, xs + m * ng + g)));
       }
   auto mult = [&](int m, int r, int64_t g) { return _mm512_set1_ps(mul[(m * RB + r) * ng + g]); };
-  for (int64_t k = 0; k < K; k += 64) {
-    __m512i x0[MR], x1[MR];
+  auto mult2 = [&](int m, int r, int64_t g0, int64_t g1) {  // lanes 0-7: group g0's multiplier, 8-15: g1's
+    const float* p = mul + (m * RB + r) * ng;
+    return _mm512_insertf32x8(_mm512_set1_ps(p[g0]), _mm256_set1_ps(p[g1]), 1);
+  };
+  for (int64_t k = 0; k < K; k += 128) {
+    __m512i xl[MR], xh[MR];
     #pragma GCC unroll 16
-    for (int m = 0; m < MR; m++) x0[m] = _mm512_loadu_si512(xq + m * K + k), x1[m] = _mm512_loadu_si512(xq + m * K + k + 32);
+    for (int m = 0; m < MR; m++) xl[m] = _mm512_loadu_si512(xq + m * K + k), xh[m] = _mm512_loadu_si512(xq + m * K + k + 64);
     #pragma GCC unroll 16
-    for (int r = 0; r < RB; r++) {  // unpack one row's 64 nibbles, use them for every x row
+    for (int r = 0; r < RB; r++) {  // unpack one row's 128 nibbles, use them for every x row
       const uint8_t* wr = w + (n + r * stride) * (K / 2) + k / 2;
-      if (k % 128 == 0) prefetch(wr);
-      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)wr));
-      const __m512i lo = _mm512_and_si512(b, nibble), hi = _mm512_srli_epi16(b, 4);
+      prefetch(wr);
+      const __m512i b = _mm512_loadu_si512(wr);
+      const __m512i lo = _mm512_and_si512(b, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
       #pragma GCC unroll 16
       for (int m = 0; m < MR; m++) {
-        if constexpr (G == 32) {  // low nibbles are group 2j, high nibbles group 2j + 1
+        if constexpr (G == 32) {  // lo: groups g and g + 2, hi: g + 1 and g + 3
           const int64_t g = k / 32;
-          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpwssd_epi32(zero, x0[m], lo)), mult(m, r, g), acc[m][r]);
-          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpwssd_epi32(zero, x1[m], hi)), mult(m, r, g + 1),
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo, xl[m])), mult2(m, r, g, g + 2),
                                       acc[m][r]);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi, xh[m])),
+                                      mult2(m, r, g + 1, g + 3), acc[m][r]);
+        } else if constexpr (G == 64) {  // lanes 0-7: group g, 8-15: g + 1
+          const int64_t g = k / 64;
+          const __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xl[m]), hi, xh[m]);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), mult2(m, r, g, g + 1), acc[m][r]);
         } else {
-          part_lo[m][r] = _mm512_dpwssd_epi32(part_lo[m][r], x0[m], lo);
-          part_hi[m][r] = _mm512_dpwssd_epi32(part_hi[m][r], x1[m], hi);
-          if ((k + 64) % G == 0) {  // group done: scale its integer sum into the fp32 accumulator
-            const __m512i sum = _mm512_add_epi32(part_lo[m][r], part_hi[m][r]);
-            acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), mult(m, r, k / G), acc[m][r]);
-            part_lo[m][r] = part_hi[m][r] = zero;
+          part[m][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(part[m][r], lo, xl[m]), hi, xh[m]);
+          if ((k + 128) % G == 0) {  // group done: scale its integer sum into the fp32 accumulator
+            acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[m][r]), mult(m, r, k / G), acc[m][r]);
+            part[m][r] = zero;
           }
         }
       }
@@ -261,7 +304,7 @@ void int4_rows(const int16_t* xq, const float* xs, const float* xsum, const uint
 }
 
 template <int MR, int G>
-void int4_pass(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* w, const uint16_t* sc,
+void int4_pass(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w, const uint16_t* sc,
                const uint16_t* mn, float* y, int64_t K, int64_t N) {
   constexpr int RB = MR == 1 ? 8 : (MR == 2 ? 4 : 2);  // streams per thread
   for_rows(N, 16, [&](int64_t b, int64_t e) {
@@ -272,7 +315,7 @@ void int4_pass(const int16_t* xq, const float* xs, const float* xsum, const uint
 }
 
 template <int G>
-void int4_dispatch(int64_t mr, const int16_t* xq, const float* xs, const float* xsum, const uint8_t* w,
+void int4_dispatch(int64_t mr, const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w,
                    const uint16_t* sc, const uint16_t* mn, float* y, int64_t K, int64_t N) {
   switch (mr) {
     case 1: int4_pass<1, G>(xq, xs, xsum, w, sc, mn, y, K, N); break;
@@ -352,18 +395,20 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) {
 }
 
 #ifdef HERD_AVX512
-// x rows as int16 in blocks of B, in thread-local scratch (valid until this thread's next call)
-struct Int16Rows {
-  const int16_t* xq;  // (M, K)
+// x rows quantized (quantize_x) in blocks of B, in thread-local scratch (valid until this thread's next call)
+template <typename Q>
+struct QuantRows {
+  const Q* xq;        // (M, K)
   const float* xs;    // (M, K/B) scales
   const float* xsum;  // (M, K/B) block sums of the dequantized x
 };
 
-Int16Rows int16_rows(const at::Tensor& x, int64_t B) {
+template <typename Q>
+QuantRows<Q> quant_rows(const at::Tensor& x, int64_t B) {
   const int64_t M = x.size(0), K = x.size(1);
-  thread_local std::vector<int16_t> q;
+  thread_local std::vector<Q> q;
   thread_local std::vector<float> s, sum;
-  int16_t* xq = scratch(q, M * K);
+  Q* xq = scratch(q, M * K);
   float* xs = scratch(s, M * (K / B));
   float* xsum = scratch(sum, M * (K / B));
   auto xc = x.contiguous();
@@ -386,7 +431,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   auto sf = scales.contiguous();
   float* y = y_scratch(M * N);
 #ifdef HERD_AVX512
-  const Int16Rows xr = int16_rows(x, kInt8Block);
+  const QuantRows<int16_t> xr = quant_rows<int16_t>(x, kInt8Block);
   auto wp = w.data_ptr<int8_t>();
   auto sp = sf.data_ptr<float>();
   in_passes(M, [&](int64_t mr, int64_t m0) {
@@ -408,7 +453,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                        int64_t group_size) {
   TORCH_CHECK(supported(), "herd CPU kernels were built without AVX-512 BF16/VNNI");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1) * 2, G = group_size;
-  check_x(x, K, 64);
+  check_x(x, K, 128);
   TORCH_CHECK((G == 32 || G == 64 || G == 128 || G == 256) && K % G == 0, "group size ", G,
               " must be 32, 64, 128 or 256 and divide K");
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "w must be contiguous uint8 (N, K/2)");
@@ -417,7 +462,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                 "scales and mins must be contiguous bf16 (N, K/G)");
   float* y = y_scratch(M * N);
 #ifdef HERD_AVX512
-  const Int16Rows xr = int16_rows(x, G);
+  const QuantRows<int8_t> xr = quant_rows<int8_t>(x, G);
   auto wp = w.data_ptr<uint8_t>();
   auto sp = (const uint16_t*)scales.data_ptr();
   auto mp = (const uint16_t*)mins.data_ptr();
@@ -475,11 +520,6 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scales, const 
 // ---- one-token attention over the KV cache -----------------------------------------------------------------
 
 #ifdef HERD_AVX512
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
 // e^x for x <= 0, 16 lanes: 2^(x log2 e) = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, and 2^f from its degree-6
 // minimax polynomial (a few ulp); inputs below -100 are clamped (e^-100 ~ 4e-44: a weight of zero in a softmax).
 inline __m512 exp_nonpositive(__m512 x) {
