@@ -157,7 +157,8 @@ def test_compiled_decode_takes_the_fused_form(kind, device, monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 2, 64), (4, 4, 32), (6, 1, 16), (32, 8, 128)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim",
+                         [(8, 2, 64), (4, 4, 32), (6, 1, 16), (32, 8, 128), (24, 8, 128), (16, 1, 64), (3, 3, 64)])
 def test_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, head_dim):
     g = torch.Generator().manual_seed(heads * head_dim)
     B, S = 3, 33
@@ -175,6 +176,21 @@ def test_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, head_dim):
         got = torch.ops.herd.decode_attention(q, k, v, mask)
         assert got.dtype == dtype and got.shape == q.shape
         assert (got.float() - ref).abs().max() <= tol
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_decode_attention_never_reads_masked_slots(dtype, head_dim):
+    """Unused cache slots may hold anything (torch.empty): NaN or inf there must not reach the output."""
+    g = torch.Generator().manual_seed(head_dim)
+    q = torch.randn(2, 8, 1, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 37, head_dim, generator=g).to(dtype) for _ in range(2))
+    mask = torch.arange(37)[None, None, None, :] <= torch.tensor([20, 35])[:, None, None, None]
+    clean = torch.ops.herd.decode_attention(q, k, v, mask)
+    k[~mask.expand(2, 2, 1, 37).squeeze(2)[..., None].expand_as(k)] = float("nan")
+    v[..., 36:, :] = float("inf")
+    assert torch.equal(torch.ops.herd.decode_attention(q, k, v, mask), clean)
 
 
 @needs_kernels
