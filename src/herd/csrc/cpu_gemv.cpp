@@ -536,6 +536,32 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// Scores p (R, S), -inf where a slot is masked -> in place e^(score - row max), masked slots exactly 0; returns each
+// row's sum (0 when no slot is allowed).
+std::vector<float> softmax_rows(float* p, int64_t R, int64_t S) {
+  std::vector<float> denom(R);
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  for (int64_t r = 0; r < R; r++) {
+    __m512 mx = neg_inf;
+    for (int64_t s = 0; s < S; s += 16) {
+      const __mmask16 n = S - s >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - s)) - 1);
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(neg_inf, n, p + r * S + s));
+    }
+    const float top = _mm512_reduce_max_ps(mx);
+    const __m512 m = _mm512_set1_ps(top == -INFINITY ? 0.f : top);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; s += 16) {
+      const __mmask16 n = S - s >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - s)) - 1);
+      const __m512 x = _mm512_maskz_loadu_ps(n, p + r * S + s);
+      const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, neg_inf, _CMP_NEQ_OQ), exp_nonpositive(_mm512_sub_ps(x, m)));
+      _mm512_mask_storeu_ps(p + r * S + s, n, e);
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(n, e));
+    }
+    denom[r] = _mm512_reduce_add_ps(total);
+  }
+  return denom;
+}
+
 // 16 vectors -> one vector of their 16 sums (v[j]'s sum in lane j): a transposing tree of 45 instructions, about a
 // third of 16 separate horizontal sums.
 inline __m512 sum16(const __m512* v) {
@@ -560,7 +586,6 @@ void attend_kv_head(const T* q, const T* k, const T* v, const bool* mask, int64_
   float* p = scratch(p_buf, R * S);
   float* acc = scratch(acc_buf, R * D);
   for (int64_t i = 0; i < R * D; i++) qf[i] = static_cast<float>(q[i]) * scale;
-  std::vector<__m512> mx(R, _mm512_set1_ps(-INFINITY));
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
   __m512 part[16];
   for (int64_t s0 = 0; s0 < S; s0 += 16) {  // scores q . k_s, 16 slots at a time
@@ -579,23 +604,13 @@ void attend_kv_head(const T* q, const T* k, const T* v, const bool* mask, int64_
       }
       const __m512 sc = _mm512_mask_blend_ps(live, neg_inf, sum16(part));
       _mm512_mask_storeu_ps(p + r * S + s0, (__mmask16)((1u << n) - 1), sc);
-      mx[r] = _mm512_max_ps(mx[r], sc);
     }
   }
-  for (int64_t r = 0; r < R; r++) {  // p = e^(score - max), 16 slots at a time
-    const float top = _mm512_reduce_max_ps(mx[r]);
-    const __m512 m = _mm512_set1_ps(top == -INFINITY ? 0.f : top);
-    for (int64_t s = 0; s < S; s += 16) {
-      const __mmask16 n = S - s >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - s)) - 1);
-      _mm512_mask_storeu_ps(p + r * S + s, n, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(n, p + r * S + s), m)));
-    }
-  }
-  std::vector<float> denom(R, 0.f);
+  const std::vector<float> denom = softmax_rows(p, R, S);
   std::fill(acc, acc + R * D, 0.f);
   for (int64_t s = 0; s < S; s++) {  // softmax weights times v_s
     if (mask && !mask[s * mask_stride]) continue;
     const T* vs = v + s * v_stride;
-    for (int64_t r = 0; r < R; r++) denom[r] += p[r * S + s];
     for (int64_t d = 0; d < D; d += 16) {
       const __m512 vv = load16(vs + d);
       for (int64_t r = 0; r < R; r++)
@@ -645,26 +660,7 @@ void attend_kv_head_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c
           p[(r0 + rr) * S + s0 + j] = live(s0 + j) ? sums[rr * js + j] : -INFINITY;
     }
   }
-  std::vector<float> denom(R);
-  for (int64_t r = 0; r < R; r++) {  // p = e^(score - max) (masked slots: 0), 16 slots at a time
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t s = 0; s < S; s += 16) {
-      const __mmask16 n = S - s >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - s)) - 1);
-      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), n, p + r * S + s));
-    }
-    const float top = _mm512_reduce_max_ps(mx);
-    const __m512 m = _mm512_set1_ps(top == -INFINITY ? 0.f : top);
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t s = 0; s < S; s += 16) {
-      const __mmask16 n = S - s >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - s)) - 1);
-      const __m512 x = _mm512_maskz_loadu_ps(n, p + r * S + s);
-      const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ),
-                                           exp_nonpositive(_mm512_sub_ps(x, m)));
-      _mm512_mask_storeu_ps(p + r * S + s, n, e);
-      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(n, e));
-    }
-    denom[r] = _mm512_reduce_add_ps(total);
-  }
+  const std::vector<float> denom = softmax_rows(p, R, S);
   constexpr int64_t RB = 16 / ND > 0 ? 16 / ND : 1;  // query heads per pass over v: RB x ND accumulators
   for (int64_t r0 = 0; r0 < R; r0 += RB) {
     const int64_t rn = std::min(RB, R - r0);
