@@ -21,7 +21,8 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time
 import torch, transformers
-import herd.checkpoint as ck
+from herd.convert import convert
+from herd.loading import load_model
 torch.set_num_threads(2)
 job, src, dst = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -34,7 +35,7 @@ base = hwm()
 t0 = time.perf_counter()
 tokens = torch.arange(8)[None]
 if job == "herd-load":
-    model = ck.load_model(src)
+    model = load_model(src)
     with torch.no_grad():
         model(tokens)  # touches every weight
 elif job == "hf-load":
@@ -42,7 +43,7 @@ elif job == "hf-load":
     with torch.no_grad():
         model(tokens)
 elif job.startswith("convert-"):
-    ck.convert(src, dst, to=job.split("-")[1], verify=False)
+    convert(src, dst, to=job.split("-")[1], verify=False)
 peak = hwm()
 print(json.dumps({"base": base, "peak": peak, "seconds": time.perf_counter() - t0}))
 """

@@ -31,13 +31,14 @@ import time
 import torch
 
 from herd.bench import LLAMA_CPP_TYPES, llama_cpp_pairs, measure_bandwidth  # noqa: E402
-from herd.checkpoint import load_model, meta_to_hf  # noqa: E402
+from herd.checkpoint import meta_to_hf  # noqa: E402
 from herd.config import get_config, kv_cache_bytes_per_token  # noqa: E402
-from herd.generate import Engine, SamplingParams, compile_step, decode_one  # noqa: E402
+from herd.generate import Engine, compile_step, decode_one  # noqa: E402
+from herd.kernels import cpu_kernels, restore_linears, use_cpu_kernels  # noqa: E402
+from herd.loading import load_model  # noqa: E402
 from herd.model import Transformer  # noqa: E402
-from herd.quantize import (  # noqa: E402
-    cpu_kernels, quantize_model, restore_linears, use_cpu_kernels, weight_bytes_per_token,
-)
+from herd.quantize import quantize_model, weight_bytes_per_token  # noqa: E402
+from herd.sampling import SamplingParams  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
 

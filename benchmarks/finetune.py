@@ -2,9 +2,9 @@
 
 A random ~100M-parameter Llama-shaped base (dim 768, 12 layers, GQA 12/4 heads, vocab 32768, tied embeddings) is
 written once as a bf16 HF checkpoint, as a downloaded model would be. Each method then runs in a fresh child
-process exactly as `herd finetune` builds it (`finetune.build_model` from `model.init_from`, `train.build_optimizer`,
-`train.forward_backward`, global-norm clipping, fused AdamW, bf16 autocast) on one packed row of `--seq` tokens
-(four dialogs, positions restarting per dialog, loss on half of the tokens).
+process exactly as `herd finetune` builds it (herd.train's `finetune.build_model` from `model.init_from`,
+`loop.build_optimizer`, `loop.forward_backward`, global-norm clipping, fused AdamW, bf16 autocast) on one packed
+row of `--seq` tokens (four dialogs, positions restarting per dialog, loss on half of the tokens).
 
 Memory is the child's peak RSS (VmHWM from /proc/self/status) minus its RSS right after `import torch, herd`: the
 loading of the checkpoint counts, as it does for a user. Speed is the best and the median of the timed steps (the
@@ -36,8 +36,9 @@ def status(key):  # kB -> bytes
             return int(line.split()[1]) * 1024
 
 import torch
-from herd import finetune as ft, parallel, train as T
-from herd.data import Batch
+from herd.train import finetune, loop, parallel
+from herd.train.data import Batch
+from herd.train.settings import settings_from_dict, validate
 cfg = json.loads(sys.argv[1])
 torch.set_num_threads(cfg["threads"])
 base = status("VmHWM")
@@ -53,15 +54,15 @@ n_tok = int((labels != -100).sum())
 autocast = torch.autocast("cpu", dtype=torch.bfloat16)
 
 def engine(settings):
-    s = T.settings_from_dict(settings)
-    T.validate(s)
-    model = ft.build_model(s, None, cpu)
-    opt = T.build_optimizer(model, s.optim)
+    s = settings_from_dict(settings)
+    validate(s)
+    model = finetune.build_model(s, None, cpu)
+    opt = loop.build_optimizer(model, s.optim)
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_fn = ft.loss_function(s, None)
+    loss_fn = finetune.loss_function(s, None)
 
     def step():
-        loss = T.forward_backward(model, [batch], 1.0 / n_tok, autocast, cpu, loss_fn)
+        loss = loop.forward_backward(model, [batch], 1.0 / n_tok, autocast, cpu, loss_fn)
         parallel.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from herd.checkpoint import load_model
+    from herd.loading import load_model
     from herd.config import num_params
 
     t0 = time.perf_counter()

@@ -2,18 +2,19 @@
 
 Each step is forward + backward + global-norm clipping + AdamW step + zero_grad on one micro-batch under bf16
 autocast (fp32 master weights), with the same random token batch. herd's side uses the library's own pieces
-(`train.build_model`, `build_optimizer`, `loss_function`, `forward_backward`, `parallel.clip_grad_norm_`), so
+(`pretrain.build_model`, `loop.build_optimizer`, `pretrain.loss_function`, `loop.forward_backward`,
+`parallel.clip_grad_norm_`, all in herd.train), so
 "compile" means exactly what `train.compile: true` does in a run config. transformers' side is what its users run:
 `model(input_ids, labels=...)` with SDPA attention and fused `torch.optim.AdamW` (the Trainer's default), eager
 and, as a second row, compiled. Timed steps of the engines alternate (herd, transformers, herd, ...) so a busy
 machine slows all alike. Tokens/s, MFU and the ratio use each engine's best step (on a shared machine, the one
 that had the cores to itself, as timeit does); the median is shown beside it.
 
-MFU = training FLOPs per token (6 x matmul params + 12 x layers x dim x seq, PaLM/torchtitan) x tokens/s over a
-bf16 matmul peak measured at the start of the run.
+MFU = training FLOPs per token (herd.sizing.flops_per_token: 6 x matmul params + 12 x layers x dim x seq,
+PaLM/torchtitan) x tokens/s over a bf16 matmul peak measured at the start of the run.
 
     python benchmarks/train.py                       # ~100M Llama-shaped model (dim 768, 12 layers), seq 512
-    python benchmarks/train.py --dim 128 --layers 2 --vocab 2048 --seq 128 --steps 2   # smoke test
+    python benchmarks/train.py --dim 128 --layers 2 --heads 4 --kv-heads 2 --vocab 2048 --seq 128 --steps 2   # smoke
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import torch
 
 
 def herd_engine(args, compile_blocks: bool):
-    from herd import parallel
-    from herd.train import build_model, build_optimizer, forward_backward, loss_function, settings_from_dict
+    from herd.train import parallel
+    from herd.train.loop import build_optimizer, forward_backward
+    from herd.train.pretrain import build_model, loss_function
+    from herd.train.settings import settings_from_dict
 
     s = settings_from_dict({
         "model": {"name": "tiny", "overrides": model_overrides(args)},
@@ -111,8 +114,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from herd.config import num_params
-    from herd.data import Batch
-    from herd.metrics import flops_per_token, measure_matmul_peak
+    from herd.sizing import flops_per_token
+    from herd.train.data import Batch
+    from herd.train.metrics import measure_matmul_peak
 
     peak = measure_matmul_peak(torch.device("cpu"), torch.bfloat16)
     g = torch.Generator().manual_seed(0)

@@ -7,7 +7,8 @@ import torch  # noqa: E402
 
 import herd.quantize as hq  # noqa: E402
 from herd.config import get_config  # noqa: E402
-from herd.generate import Engine, SamplingParams  # noqa: E402
+from herd.generate import Engine  # noqa: E402
+from herd.sampling import SamplingParams  # noqa: E402
 from herd.model import Transformer  # noqa: E402
 
 shape, kinds = sys.argv[1], sys.argv[2].split(",")

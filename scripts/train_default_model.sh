@@ -13,5 +13,5 @@ tar xf data/shakespeare/corpus.tar.xz -C runs/default-work
 $PY -m herd.bpe --vocab-size 8192 --out runs/default-work/tokenizer.model runs/default-work/train/*.txt
 $HERD pretrain --config configs/default-pretrain.yaml
 $HERD finetune --config configs/default-finetune.yaml
-$PY -m herd.default_model package runs/default-chat/hf runs/default-work/tokenizer.model \
+$PY scripts/package_default_model.py runs/default-chat/hf runs/default-work/tokenizer.model \
     --pretrain-run runs/default-pretrain --chat-run runs/default-chat

@@ -4,17 +4,15 @@ import io
 import json
 
 import pytest
-import torch
 
 import herd
 from herd.api import LLM, Completion, TextStream, load, random_llm
-from herd.chat_cli import repl
-from herd.checkpoint import save_hf
+from herd.cli_chat import repl
 from herd.cli import main
 from herd.config import get_config
 from herd.generate import ContextLengthError, GenerationError
 from herd.model import Transformer
-from herd.tokenizer import Tokenizer, load_tokenizer, write_tiktoken_bpe
+from herd.tokenizer import Tokenizer, load_tokenizer
 
 
 def byte_tokenizer() -> Tokenizer:
@@ -22,19 +20,8 @@ def byte_tokenizer() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = Transformer(get_config("tiny"))
-    model.init_weights(std=0.3)
-    d = tmp_path_factory.mktemp("api") / "hf"
-    save_hf(model, None, d)
-    write_tiktoken_bpe({bytes([i]): i for i in range(256)}, d / "tokenizer.model")
-    return d
-
-
-@pytest.fixture(scope="module")
-def llm(ckpt):
-    return load(ckpt, dtype="fp32", device="cpu")
+def llm(tiny_ckpt):
+    return load(tiny_ckpt, dtype="fp32", device="cpu")
 
 
 def test_generate_text_ids_and_logprobs(llm):
@@ -113,7 +100,7 @@ def test_errors(llm):
         LLM(Transformer(get_config("tiny")), load_tokenizer(None))  # 128256 ids for a 512-token model
 
 
-def test_herd_load_is_the_api_load(ckpt):
+def test_herd_load_is_the_api_load(tiny_ckpt):
     assert herd.load is load and herd.LLM is LLM
 
 
@@ -125,8 +112,8 @@ def test_random_llm():
 # ---- herd generate --------------------------------------------------------------------------------------------
 
 
-def test_cli_generate_ids_and_stats(ckpt, llm, capsys):
-    argv = ["generate", "--model", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0",
+def test_cli_generate_ids_and_stats(tiny_ckpt, llm, capsys):
+    argv = ["generate", "--model", str(tiny_ckpt), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0",
             "--dtype", "fp32"]
     assert main(argv + ["--ids", "--stats"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -139,8 +126,8 @@ def test_cli_generate_ids_and_stats(ckpt, llm, capsys):
     assert text.rstrip("\n") == llm.generate("Hello", max_new_tokens=12, temperature=0).text.rstrip("\n")
 
 
-def test_cli_generate_chat(ckpt, capsys):
-    assert main(["generate", "--model", str(ckpt), "--prompt", "hi", "--chat", "--system", "s", "--max-new-tokens",
+def test_cli_generate_chat(tiny_ckpt, capsys):
+    assert main(["generate", "--model", str(tiny_ckpt), "--prompt", "hi", "--chat", "--system", "s", "--max-new-tokens",
                  "5", "--seed", "1", "--ids"]) == 0
     assert isinstance(json.loads(capsys.readouterr().out), list)
 
@@ -153,8 +140,8 @@ def test_cli_generate_chat(ckpt, capsys):
     (["--system", "x"], "--system needs --chat"),
     (["--dtype", "fp32", "--max-seq-len", "8", "--max-new-tokens", "4"], "limit of 8 tokens"),
 ])
-def test_cli_generate_bad_input_is_one_line_exit_2(ckpt, capsys, extra, match):
-    assert main(["generate", "--model", str(ckpt), "--prompt", "Hello"] + extra) == 2
+def test_cli_generate_bad_input_is_one_line_exit_2(tiny_ckpt, capsys, extra, match):
+    assert main(["generate", "--model", str(tiny_ckpt), "--prompt", "Hello"] + extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("herd generate: error:") and match in err[0]
 
@@ -165,9 +152,9 @@ def test_cli_generate_missing_model(tmp_path, capsys):
     assert len(err) == 1 and "no checkpoint" in err[0]
 
 
-def test_cli_generate_argparse_errors_exit_2(ckpt):
-    for argv in (["generate", "--model", str(ckpt)], ["generate", "--model", str(ckpt), "--prompt", "x",
-                                                      "--top-k", "many"]):
+def test_cli_generate_argparse_errors_exit_2(tiny_ckpt):
+    for argv in (["generate", "--model", str(tiny_ckpt)], ["generate", "--model", str(tiny_ckpt), "--prompt", "x",
+                                                           "--top-k", "many"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
@@ -236,8 +223,8 @@ def test_repl_ctrl_c_stops_the_reply_not_the_chat(llm):
     assert second[2]["content"] == "second question"
 
 
-def test_repl_reports_context_overflow_and_continues(ckpt):
-    small = load(ckpt, dtype="fp32", device="cpu", max_seq_len=40)
+def test_repl_reports_context_overflow_and_continues(tiny_ckpt):
+    small = load(tiny_ckpt, dtype="fp32", device="cpu", max_seq_len=40)
     rec, out, err = Recorder(small), io.StringIO(), io.StringIO()
     assert repl(rec, input_fn=script(["x" * 60, "ok"]), out=out, err=err, max_new_tokens=4, temperature=0) == 0
     assert "exceeds the context limit" in err.getvalue()

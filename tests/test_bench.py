@@ -24,13 +24,20 @@ def test_fingerprint_fields_are_measured(fp):
     assert ("herd_read" in fp.bandwidth_gb_s) == fp.kernels
 
 
+def test_cuda_fingerprint_without_a_gpu_is_a_clear_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device: test_cuda_fingerprint covers it")
+    with pytest.raises(bench.BenchError, match="no CUDA device"):
+        bench.fingerprint("cuda", preset="smoke")
+
+
 def test_cuda_fingerprint():
     import torch
 
     if not torch.cuda.is_available():
-        with pytest.raises(bench.BenchError, match="no CUDA device"):
-            bench.fingerprint("cuda", preset="smoke")
-        return
+        pytest.skip("needs a CUDA device")
     g = bench.fingerprint("cuda", preset="smoke").gpu
     assert g["name"] and g["bandwidth_gb_s"]["cuda_copy"] > 0 and g["matmul_tflops"]["bf16"] > 0
 
@@ -146,14 +153,18 @@ def test_bad_model_path_is_a_failed_decode_row(tmp_path):
     assert p.stderr.rstrip().splitlines()[-1].startswith("[1/1] decode: FAILED")  # herd itself did not crash
 
 
-def test_decode_script_on_cuda_or_a_clear_error():
-    """`herd bench --device cuda` passes --device cuda to decode.py: without a GPU that is a usage error."""
-    import torch
-
+def test_device_goes_to_the_decode_stage_only():
+    """`herd bench --device cuda` passes --device cuda to decode.py."""
     assert "--device" in bench.stage_args("decode", "smoke", 2, device="cuda")
     assert "--device" not in bench.stage_args("train", "smoke", 2, device="cuda")
+
+
+def test_decode_script_on_cuda_without_a_gpu_is_a_usage_error():
+    """decode.py --device cuda on a machine without a GPU: exit status 2 and a clear message."""
+    import torch
+
     if torch.cuda.is_available():
-        return  # the GPU run itself is the benchmark, not a unit test
+        pytest.skip("torch sees a CUDA device: the GPU run itself is the benchmark, not a unit test")
     p = subprocess.run([sys.executable, str(bench.benchmarks_dir() / "decode.py"), "--smoke", "--device", "cuda"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "torch sees no CUDA device" in p.stderr

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from herd import cli
 from herd.chat_format import ChatFormat, DialogError, Message, ToolCall, parse_tool_call, system_prompt
-from herd.tokenizer import load_tokenizer
 
 BOT, SH, EH = "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>"
 EOM, EOT, TAG = "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"
@@ -21,12 +20,7 @@ def header(role):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def cf(tok):
+def cf(tok):  # tok: conftest's real Llama 3 tokenizer
     return ChatFormat(tok)
 
 

@@ -5,25 +5,20 @@ import os
 import pickle
 import shutil
 
+import functools
+
 import pytest
 import torch
-from conftest import hf_model
+from conftest import hf_model, tiny_model
 
 from herd import checkpoint as ck
+from herd.convert import convert
+from herd.loading import load_model
 from herd.cli import main
 from herd.config import get_config
-from herd.model import Transformer
 
 
-def random_model(name="tiny", **changes):
-    args = get_config(name).replace(**changes) if changes else get_config(name)
-    model = Transformer(args)
-    model.init_weights()
-    with torch.no_grad():  # non-trivial norms so that a swapped norm would show
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model.eval()
+random_model = functools.partial(tiny_model, random_norms=True)  # non-trivial norms so that a swapped norm would show
 
 
 def state(model):
@@ -40,9 +35,9 @@ def same_sd(a, b):
 def test_meta_hf_meta_round_trip_is_bit_exact(tmp_path, name):
     model = random_model(name)
     ck.save_meta(model, None, tmp_path / "meta")
-    ck.convert(tmp_path / "meta", tmp_path / "hf", to="hf")
-    ck.convert(tmp_path / "hf", tmp_path / "meta2", to="meta")
-    same_sd(state(ck.load_model(tmp_path / "meta2")), state(model))
+    convert(tmp_path / "meta", tmp_path / "hf", to="hf")
+    convert(tmp_path / "hf", tmp_path / "meta2", to="meta")
+    same_sd(state(load_model(tmp_path / "meta2")), state(model))
     a = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
     b = torch.load(tmp_path / "meta2" / "consolidated.00.pth", weights_only=True)
     same_sd(a, b)
@@ -75,7 +70,7 @@ def test_transformers_sharded_checkpoint_loads_in_herd(tmp_path):
     hf = hf_model(args)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
-    model = ck.load_model(tmp_path / "hf").eval()
+    model = load_model(tmp_path / "hf").eval()
     tokens = torch.randint(0, args.vocab_size, (1, 21))
     with torch.no_grad():
         assert (hf(tokens).logits - model(tokens)).abs().max() <= 1e-5
@@ -88,7 +83,7 @@ def test_herd_sharded_hf_and_dtype(tmp_path):
     ck.save_hf(model, None, tmp_path / "hf", max_shard_bytes=100_000, dtype=torch.bfloat16)
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    loaded = ck.load_model(tmp_path / "hf")
+    loaded = load_model(tmp_path / "hf")
     assert loaded.tok_embeddings.weight.dtype == torch.bfloat16
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
     tokens = torch.randint(0, 512, (1, 9))
@@ -112,9 +107,9 @@ def test_model_parallel_shards_merge_to_the_same_model(tmp_path, mp):
     assert rank0["tok_embeddings.weight"].shape == (512 // mp, dim)  # vocab parallel
     assert rank0["layers.0.attention.wk.weight"].shape == (max(1, 2 // mp) * hd, dim)
     tokens = torch.randint(0, 512, (2, 11))
-    merged = ck.load_model(tmp_path / f"mp{mp}")
+    merged = load_model(tmp_path / f"mp{mp}")
     if mp == 2:
-        same_sd(state(merged), state(ck.load_model(tmp_path / "mp1")))
+        same_sd(state(merged), state(load_model(tmp_path / "mp1")))
     else:
         assert merged.args.n_kv_heads == 4
     with torch.no_grad():
@@ -124,21 +119,7 @@ def test_model_parallel_shards_merge_to_the_same_model(tmp_path, mp):
 def test_hf_original_subfolder_is_found(tmp_path):
     model = random_model()
     ck.save_meta(model, None, tmp_path / "repo" / "original")
-    same_sd(state(ck.load_model(tmp_path / "repo")), state(model))
-
-
-def test_convert_via_cli_with_progress_and_info(tmp_path, capsys):
-    model = random_model()
-    ck.save_meta(model, None, tmp_path / "meta", mp=2)
-    assert main(["convert", str(tmp_path / "meta"), str(tmp_path / "hf"), "--to", "hf", "--dtype", "bf16"]) == 0
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m4"), "--to", "meta", "--mp", "2"]) == 0
-    capsys.readouterr()
-    assert main(["info", str(tmp_path / "m4"), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["format"] == "meta" and info["parameters"] == 164_160 and info["bytes"]["bf16"] == 2 * 164_160
-    assert main(["info", "llama-3.1-8b", "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["parameters"] == 8_030_261_248 and info["kv_cache_bytes_per_token_bf16"] == 128 * 1024
+    same_sd(state(load_model(tmp_path / "repo")), state(model))
 
 
 @pytest.mark.parametrize(
@@ -183,7 +164,7 @@ def _edit_index(folder, fn):
 def test_index_cannot_escape_the_folder(hf_dir, shard):
     _edit_index(hf_dir, lambda m: m.update({"model.norm.weight": shard}))
     with pytest.raises(ck.CheckpointError, match="shard"):
-        ck.load_model(hf_dir)
+        load_model(hf_dir)
 
 
 def test_index_symlink_escape(hf_dir, tmp_path):
@@ -192,7 +173,7 @@ def test_index_symlink_escape(hf_dir, tmp_path):
     os.symlink(target, hf_dir / "link.safetensors")
     _edit_index(hf_dir, lambda m: m.update({"model.norm.weight": "link.safetensors"}))
     with pytest.raises(ck.CheckpointError, match="escapes"):
-        ck.load_model(hf_dir)
+        load_model(hf_dir)
 
 
 def test_index_missing_shard_and_wrong_assignment(hf_dir):
@@ -200,7 +181,7 @@ def test_index_missing_shard_and_wrong_assignment(hf_dir):
     index = (hf_dir / "model.safetensors.index.json").read_text()
     first.rename(hf_dir / "gone")
     with pytest.raises(ck.CheckpointError, match="missing"):
-        ck.load_model(hf_dir)
+        load_model(hf_dir)
     (hf_dir / "gone").rename(first)
     # a tensor the index places in another shard than the one holding it
     data = json.loads(index)
@@ -208,7 +189,7 @@ def test_index_missing_shard_and_wrong_assignment(hf_dir):
     data["weight_map"][k] = next(v for v in data["weight_map"].values() if v != first.name)
     (hf_dir / "model.safetensors.index.json").write_text(json.dumps(data))
     with pytest.raises(ck.CheckpointError):
-        ck.load_model(hf_dir)
+        load_model(hf_dir)
 
 
 def test_index_duplicate_keys_and_garbage(hf_dir):
@@ -216,10 +197,10 @@ def test_index_duplicate_keys_and_garbage(hf_dir):
     text = path.read_text()
     path.write_text(text.replace('"weight_map": {', '"weight_map": {"model.norm.weight": "x.safetensors", ', 1))
     with pytest.raises(ck.CheckpointError, match="duplicate"):
-        ck.load_model(hf_dir)
+        load_model(hf_dir)
     path.write_text("{\"weight_map\": [1, 2]}")
     with pytest.raises(ck.CheckpointError, match="malformed"):
-        ck.load_model(hf_dir)
+        load_model(hf_dir)
 
 
 def test_truncated_or_fake_safetensors(tmp_path):
@@ -228,13 +209,13 @@ def test_truncated_or_fake_safetensors(tmp_path):
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(ck.CheckpointError, match="model.safetensors"):
-        ck.load_model(tmp_path / "hf")
+        load_model(tmp_path / "hf")
     f.write_bytes((2**62).to_bytes(8, "little") + b"{}")  # header length far past the file
     with pytest.raises(ck.CheckpointError, match="not a valid safetensors"):
-        ck.load_model(tmp_path / "hf")
+        load_model(tmp_path / "hf")
     torch.save({"a": torch.zeros(2)}, f)  # a .pth renamed .safetensors
     with pytest.raises(ck.CheckpointError, match="not a valid safetensors"):
-        ck.load_model(tmp_path / "hf")
+        load_model(tmp_path / "hf")
 
 
 class _Payload:
@@ -253,12 +234,12 @@ def test_pickle_payload_is_never_run(tmp_path):
     sd["evil"] = _Payload(marker)
     torch.save(sd, tmp_path / "meta" / "consolidated.00.pth")
     with pytest.raises(ck.CheckpointError, match="refused to unpickle"):
-        ck.load_model(tmp_path / "meta")
+        load_model(tmp_path / "meta")
     assert not marker.exists()
     with open(tmp_path / "meta" / "consolidated.00.pth", "wb") as f:
         pickle.dump(_Payload(marker), f)  # a bare pickle, not even a zip
     with pytest.raises(ck.CheckpointError, match="zip"):
-        ck.load_model(tmp_path / "meta")
+        load_model(tmp_path / "meta")
     assert not marker.exists()
 
 
@@ -267,7 +248,7 @@ def test_truncated_pth(tmp_path):
     f = tmp_path / "meta" / "consolidated.00.pth"
     f.write_bytes(f.read_bytes()[:-4000])
     with pytest.raises(ck.CheckpointError, match="consolidated.00.pth"):
-        ck.load_model(tmp_path / "meta")
+        load_model(tmp_path / "meta")
 
 
 def test_shape_and_key_mismatches_name_the_key(tmp_path):
@@ -277,24 +258,24 @@ def test_shape_and_key_mismatches_name_the_key(tmp_path):
     good = params.read_text()
     params.write_text(json.dumps({**json.loads(good), "n_kv_heads": 4}))
     with pytest.raises(ck.CheckpointError, match=r"layers\.0\.attention\.wk\.weight has shape"):
-        ck.load_model(tmp_path / "meta")
+        load_model(tmp_path / "meta")
     params.write_text(json.dumps({**json.loads(good), "vocab_size": 1000}))
     with pytest.raises(ck.CheckpointError, match="tok_embeddings.weight has shape"):
-        ck.load_model(tmp_path / "meta")
+        load_model(tmp_path / "meta")
     params.write_text(good)
     sd = state(model)
     del sd["layers.1.ffn_norm.weight"]
     torch.save(sd, tmp_path / "meta" / "consolidated.00.pth")
     with pytest.raises(ck.CheckpointError, match="missing tensor 'layers.1.ffn_norm.weight'"):
-        ck.load_model(tmp_path / "meta")
+        load_model(tmp_path / "meta")
     sd = {**state(model), "layers.9.attention.wq.weight": torch.zeros(64, 64)}
     torch.save(sd, tmp_path / "meta" / "consolidated.00.pth")
     with pytest.raises(ck.CheckpointError, match="unexpected tensor 'layers.9.attention.wq.weight'"):
-        ck.load_model(tmp_path / "meta")
+        load_model(tmp_path / "meta")
     sd = {**state(model), "tok_embeddings.weight": torch.zeros(512, 64, dtype=torch.int32)}
     torch.save(sd, tmp_path / "meta" / "consolidated.00.pth")
     with pytest.raises(ck.CheckpointError, match="floating point"):
-        ck.load_model(tmp_path / "meta")
+        load_model(tmp_path / "meta")
 
 
 def test_unknown_hf_tensor_and_untied_head_in_tied_config(tmp_path):
@@ -308,10 +289,10 @@ def test_unknown_hf_tensor_and_untied_head_in_tied_config(tmp_path):
     sd = load_file(f)
     save_file({**sd, "lm_head.weight": torch.randn(512, 64)}, f)
     with pytest.raises(ck.CheckpointError, match="differs from tok_embeddings"):
-        ck.load_model(tmp_path / "hf")
+        load_model(tmp_path / "hf")
     save_file({**sd, "model.layers.0.self_attn.q_norm.weight": torch.ones(16)}, f)
     with pytest.raises(ck.CheckpointError, match="unexpected tensor"):
-        ck.load_model(tmp_path / "hf")
+        load_model(tmp_path / "hf")
 
 
 def test_mp_shards_must_agree(tmp_path):
@@ -321,14 +302,14 @@ def test_mp_shards_must_agree(tmp_path):
     sd["norm.weight"] = sd["norm.weight"] + 1
     torch.save(sd, f)
     with pytest.raises(ck.CheckpointError, match="replicated tensor 'norm.weight' differs"):
-        ck.load_model(tmp_path / "meta")
+        load_model(tmp_path / "meta")
     del sd["norm.weight"]
     torch.save(sd, f)
     with pytest.raises(ck.CheckpointError, match="differs from consolidated.00.pth"):
-        ck.load_model(tmp_path / "meta")
+        load_model(tmp_path / "meta")
     f.rename(tmp_path / "meta" / "consolidated.03.pth")
     with pytest.raises(ck.CheckpointError, match="consolidated.03.pth"):
-        ck.load_model(tmp_path / "meta")
+        load_model(tmp_path / "meta")
 
 
 def test_checklist_md5(tmp_path):
@@ -342,9 +323,9 @@ def test_checklist_md5(tmp_path):
     assert ck.verify_checklist(tmp_path / "meta") == 1
     chk.write_text(f"{'0' * 32}  consolidated.00.pth\n")
     with pytest.raises(ck.CheckpointError, match="md5"):
-        ck.convert(tmp_path / "meta", tmp_path / "out", to="hf")
+        convert(tmp_path / "meta", tmp_path / "out", to="hf")
     assert not (tmp_path / "out").exists()
-    ck.convert(tmp_path / "meta", tmp_path / "out", to="hf", verify=False)
+    convert(tmp_path / "meta", tmp_path / "out", to="hf", verify=False)
     chk.write_text(f"{digest}  ../meta/consolidated.00.pth\n")
     with pytest.raises(ck.CheckpointError, match="invalid shard"):
         ck.verify_checklist(tmp_path / "meta")
@@ -388,6 +369,6 @@ def test_loading_is_lazy_memory_mapped(tmp_path):
     ck.save_hf(model, None, tmp_path / "hf")
     ck.save_meta(model, None, tmp_path / "meta")
     for d in ("hf", "meta"):
-        loaded = ck.load_model(tmp_path / d)
+        loaded = load_model(tmp_path / d)
         # torch and safetensors expose mmap-backed storages as non-resizable views of the file mapping
         assert not loaded.layers[0].feed_forward.w1.weight.untyped_storage().resizable(), d

@@ -109,3 +109,40 @@ def test_load_params_bad_files(tmp_path):
     f.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="object"):
         load_params(f)
+
+
+def test_dtype_names_one_spelling_with_long_aliases():
+    import torch
+
+    from herd.config import DTYPE_NAMES, dtype_name, torch_dtype
+
+    assert DTYPE_NAMES == ("bf16", "fp16", "fp32")
+    for short, long, t in (("bf16", "bfloat16", torch.bfloat16), ("fp16", "float16", torch.float16),
+                           ("fp32", "float32", torch.float32)):
+        assert dtype_name(short) == dtype_name(long) == dtype_name(f"torch.{long}") == dtype_name(long.upper()) == short
+        assert torch_dtype(short) is torch_dtype(long) is torch_dtype(t) is t
+    assert torch_dtype(None) is torch.bfloat16
+    with pytest.raises(ConfigError, match="unknown dtype 'int3'"):
+        dtype_name("int3")
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--prompt", "x", "--dtype", "bfloat16", "--help"],
+    ["serve", "--dtype", "float32", "--help"],
+    ["merge-lora", "a", "b", "c", "--dtype", "float16", "--help"],
+    ["eval", "perplexity", "--model", "m", "--file", "f", "--dtype", "bf16", "--help"],
+    ["convert", "a", "b", "--to", "hf", "--dtype", "float32", "--help"],
+])
+def test_every_command_takes_both_dtype_spellings(argv):
+    from herd.cli import build_parser
+
+    ns, _ = build_parser().parse_known_args([a for a in argv if a != "--help"])
+    assert ns.dtype in ("bf16", "fp16", "fp32")
+
+
+def test_commands_refuse_an_unknown_dtype(capsys):
+    from herd.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "x", "--dtype", "fp8"])
+    assert "unknown dtype 'fp8'" in capsys.readouterr().err

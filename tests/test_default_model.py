@@ -1,6 +1,6 @@
 """The bundled default model: its golden continuation, a chat round trip, its held-out perplexity, and the
 commands that use it when no --model is given. The golden ids and the perplexity bound come from card.json, which
-`python -m herd.default_model package` recorded from these weights when it packaged them."""
+`scripts/package_default_model.py` recorded from these weights when it packaged them."""
 
 import json
 

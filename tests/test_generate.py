@@ -1,26 +1,21 @@
 """Generation engine: cache vs full recompute, transformers parity, ragged batches, sampling, stops, limits."""
 
+import functools
+
 import pytest
 import torch
-from conftest import hf_model
+from conftest import herd_from_hf, hf_model
+from conftest import tiny_model as _tiny_model
 
-from herd.checkpoint import hf_to_meta
 from herd.config import get_config
-from herd.generate import (
-    ContextLengthError, Engine, GenerationError, SamplingParams, StopStrings, apply_penalties, logits_to_probs, sample,
-)
-from herd.model import Transformer
+from herd.generate import ContextLengthError, Engine, StopStrings
+from herd.sampling import GenerationError, SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
 
 
-def tiny_model(name="tiny", std=0.3, seed=0, **changes) -> Transformer:
-    # a larger init than pretraining's 0.02 gives peaked logits, so greedy ids are not decided by rounding noise
-    args = get_config(name).replace(**changes) if changes else get_config(name)
-    torch.manual_seed(seed)
-    model = Transformer(args)
-    model.init_weights(std=std)
-    return model.eval()
+# a larger init than pretraining's 0.02 gives peaked logits, so greedy ids are not decided by rounding noise
+tiny_model = functools.partial(_tiny_model, std=0.3, seed=0)
 
 
 def run(engine, prompts, params=GREEDY, **kw) -> list[list[int]]:
@@ -61,8 +56,7 @@ def test_greedy_ids_equal_transformers_generate(device):
         for name, p in hf.named_parameters():
             if "norm" not in name:
                 p.mul_(10)
-    model = Transformer(args)
-    model.load_state_dict(hf_to_meta(hf.state_dict(), args))
+    model = herd_from_hf(hf, args)
     prompt = [1, 20, 300, 4, 55, 6]
     n = 40
     model.to(device)
@@ -135,16 +129,6 @@ def test_bad_requests(prompts, kw, match):
         run(Engine(tiny_model()), prompts, **kw)
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"min_p": 1}, "min_p"), ({"top_k": -2}, "top_k"), ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"temperature": float("nan")}, "temperature"), ({"seed": 1.5}, "seed"),
-])
-def test_bad_sampling_params(kw, match):
-    with pytest.raises(GenerationError, match=match):
-        SamplingParams(**kw)
-
-
 def test_logprobs_are_the_raw_model_distribution():
     model = tiny_model()
     prompt = [7, 8, 9]
@@ -156,39 +140,6 @@ def test_logprobs_are_the_raw_model_distribution():
     for s in steps:  # greedy: the chosen token is the most likely one
         top = s.top_logprobs[0]
         assert len(top) == 3 and max(top, key=top.get) == s.tokens[0]
-
-
-def test_sampling_filters():
-    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
-    assert (logits_to_probs(logits, SamplingParams(temperature=1, top_p=1, top_k=2)) > 0).tolist() == [
-        [True, True, False, False, False]]
-    # top-p 0.5: the first token alone holds 0.64 of the mass, so it is kept and nothing after it
-    assert (logits_to_probs(logits, SamplingParams(temperature=1, top_p=0.5)) > 0).sum() == 1
-    # min-p 0.3: keep p >= 0.3 * p_max; p = [.64, .24, .087, .032, .012]
-    assert (logits_to_probs(logits, SamplingParams(temperature=1, top_p=1, min_p=0.3)) > 0).sum() == 2
-    # top_k 1 is greedy whatever the seed
-    g = torch.Generator().manual_seed(0)
-    noisy = torch.randn(4, 50, generator=g)
-    p = SamplingParams(temperature=2.0, top_k=1)
-    assert torch.equal(sample(noisy, p, g), noisy.argmax(-1))
-
-
-def test_sampling_follows_the_distribution():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(20000, 3)
-    draws = sample(logits, SamplingParams(temperature=1, top_p=1), g)
-    freq = torch.bincount(draws, minlength=3).float() / len(draws)
-    assert freq.tolist() == pytest.approx([0.5, 0.3, 0.2], abs=0.015)
-
-
-def test_penalties():
-    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    counts = torch.tensor([[1, 0, 2, 0]], dtype=torch.int32)
-    in_prompt = torch.tensor([[False, True, False, False]])
-    out = apply_penalties(logits, counts, in_prompt, SamplingParams(repetition_penalty=2.0))
-    assert out.tolist() == [[1.0, -4.0, 0.5, 0.5]]  # seen: positive logits halved, negative doubled
-    out = apply_penalties(logits, counts, in_prompt, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
-    assert out.tolist() == [[2.0 - 0.5 - 0.25, -2.0, 1.0 - 0.5 - 0.5, 0.5]]  # prompt tokens are not "generated"
 
 
 def test_stop_rows_end_a_row_from_outside():

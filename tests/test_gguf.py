@@ -5,18 +5,10 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model as random_model  # tiny_model(name, **changes): pretraining init, eval mode
 
 from herd import gguf as hg
 from herd import gguf_vocab as hv
-from herd.config import get_config
-from herd.model import Transformer
-
-
-def random_model(name="tiny", **changes):
-    args = get_config(name).replace(**changes) if changes else get_config(name)
-    model = Transformer(args)
-    model.init_weights()
-    return model.eval()
 
 
 class TinyTokenizer:
@@ -133,7 +125,7 @@ def test_merges_from_ranks_reproduce_bpe():
 
     tok = load_tokenizer()
     ranks = {tok.token_bytes(i): i for i in range(tok.n_base)}
-    merges = hv.merges_from_ranks(ranks)
+    merges = hg.merges_from_ranks(ranks)
     # every multi-byte token is produced by at least one merge, and merges come in rank order
     produced = {a + b for a, b in merges}
     assert produced == {t for t in ranks if len(t) > 1}
@@ -305,7 +297,8 @@ def test_hostile_chat_template_only_in_sandbox(tmp_path, template, monkeypatch):
 def test_cli_convert_to_gguf_and_back(tmp_path, capsys):
     import json
 
-    from herd.checkpoint import load_model, save_hf
+    from herd.checkpoint import save_hf
+    from herd.loading import load_model
     from herd.cli import main
 
     model = random_model("tiny-llama3-vocab")
@@ -322,7 +315,7 @@ def test_cli_convert_to_gguf_and_back(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "back"), "--to", "meta"]) == 0
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "back")(tokens), model(tokens))
-    from herd.tokenizer import load_tokenizer
+    from herd.loading import load_tokenizer
 
     assert load_tokenizer(tmp_path / "m.gguf").encode("Hello, world!") == [9906, 11, 1917, 0]
 

@@ -4,11 +4,10 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_LLAMA3, tiny_model
 
 from herd import gguf as hg
-from herd.config import get_config
-from herd.model import Transformer
-from herd.tokenizer import load_tokenizer
+from herd.chat_format import LLAMA31_CHAT_TEMPLATE
 
 TRICKY = [
     "Hello, world!",
@@ -24,16 +23,13 @@ TRICKY = [
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tok):
     tmp = tmp_path_factory.mktemp("gguf")
-    tok = load_tokenizer()
-    torch.manual_seed(0)
-    model = Transformer(get_config("tiny-llama3-vocab")).eval()
-    model.init_weights(std=0.2)  # spread-out logits, so that greedy choices are not near-ties
+    model = tiny_model(TINY_LLAMA3, seed=0, std=0.2)  # spread-out logits, so that greedy choices are not near-ties
     paths = {}
     for dtype in ("f32", "q8_0"):
         paths[dtype] = hg.write_gguf(model.state_dict(), model.args, tok, tmp / f"m-{dtype}.gguf", dtype=dtype,
-                                     chat_template=hg.LLAMA31_CHAT_TEMPLATE)
+                                     chat_template=LLAMA31_CHAT_TEMPLATE)
     return tok, model, paths
 
 
@@ -47,7 +43,7 @@ def test_llama_cpp_tokenizes_like_herd(setup):
     for text in TRICKY:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
     assert llm.token_bos() == tok.bos_id
-    assert llm.metadata["tokenizer.chat_template"] == hg.LLAMA31_CHAT_TEMPLATE
+    assert llm.metadata["tokenizer.chat_template"] == LLAMA31_CHAT_TEMPLATE
 
 
 def _llama_greedy(llm, prompt, n):
@@ -76,12 +72,10 @@ def test_greedy_continuation_equals_herd_f32(setup):
 
 
 def test_q8_0_logits_within_tolerance(setup, tmp_path):
-    from herd.checkpoint import load_model
+    from herd.loading import load_model
 
     tok = setup[0]
-    torch.manual_seed(1)
-    model = Transformer(get_config("tiny-llama3-vocab")).eval()
-    model.init_weights()  # the pretraining init (std 0.02)
+    model = tiny_model(TINY_LLAMA3, seed=1)  # the pretraining init (std 0.02)
     path = hg.write_gguf(model.state_dict(), model.args, tok, tmp_path / "q8.gguf", dtype="q8_0")
     prompt = tok.encode("Shall I compare thee to a summer's day?", bos=True)
     llm = _llama(path)
@@ -118,15 +112,14 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 @pytest.mark.parametrize("k", range(len(DIALOGS)))
 @pytest.mark.parametrize("with_tools", [False, True])
-def test_gguf_chat_template_in_llama_cpp_renders_herds_format(k, with_tools):
+def test_gguf_chat_template_in_llama_cpp_renders_herds_format(k, with_tools, tok):
     """The template herd writes into GGUF files, rendered by llama-cpp-python's own jinja formatter, gives
     exactly the prompt herd's ChatFormat encodes."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     from herd.chat_format import ChatFormat
 
-    tok = load_tokenizer()
-    fmt = Jinja2ChatFormatter(hg.LLAMA31_CHAT_TEMPLATE, eos_token="<|eot_id|>", bos_token="<|begin_of_text|>")
+    fmt = Jinja2ChatFormatter(LLAMA31_CHAT_TEMPLATE, eos_token="<|eot_id|>", bos_token="<|begin_of_text|>")
     tools = TOOLS if with_tools else None
     rendered = fmt(messages=DIALOGS[k], tools=tools, date_string="26 July 2024").prompt
     ids = ChatFormat(tok).encode_dialog_prompt(DIALOGS[k], tools=tools, today="26 July 2024")

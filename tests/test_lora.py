@@ -4,21 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import hf_model
+from conftest import herd_from_hf, hf_model
 
 from herd import lora
-from herd.checkpoint import hf_to_meta, load_model, save_hf
+from herd.checkpoint import save_hf
+from herd.loading import load_model
 from herd.config import get_config
 from herd.model import Transformer
-
-
-def herd_from_hf(hf, args):
-    m = Transformer(args)
-    sd = hf_to_meta(hf.state_dict(), args)
-    if args.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    m.load_state_dict(sd)
-    return m.eval()
 
 
 def _randomize_adapters(model, seed=0):

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from conftest import hf_model
+from conftest import herd_from_hf, hf_model
 
-from herd.checkpoint import hf_to_meta
 from herd.config import get_config
 from herd.model import Transformer, rope_frequencies
 
@@ -16,15 +15,6 @@ PARITY_CONFIGS = {
     "gqa-8to1-hd32": get_config("tiny").replace(dim=128, n_heads=4, n_kv_heads=1, multiple_of=64),
     "no-rope-scaling": get_config("tiny").replace(use_scaled_rope=False, rope_theta=10000.0),
 }
-
-
-def herd_from_hf(hf, args) -> Transformer:
-    model = Transformer(args)
-    sd = hf_to_meta(hf.state_dict(), args)
-    if args.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
 
 
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))

@@ -23,9 +23,13 @@ from typing import Any
 import torch
 
 from .chat_format import ChatFormat, Message
-from .generate import Engine, GenerationError, SamplingParams, StopStrings
+from .config import CONFIGS, get_config, torch_dtype
+from .default_model import default_model_path
+from .generate import Engine, GenerationError, StopStrings
+from .loading import checkpoint_tokenizer, load_tokenizer, open_model
 from .model import Transformer
-from .tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer
+from .sampling import SamplingParams
+from .tokenizer import IncrementalDecoder, Tokenizer
 
 
 @dataclass
@@ -315,70 +319,33 @@ def load(
 
     Args:
         device: default cuda when available, else cpu.
-        dtype: weights and activations (default bfloat16; quantized checkpoints keep their own format).
-        tokenizer: a Tokenizer, or a file/folder; default: the checkpoint folder's, else the Llama 3 vocabulary.
+        dtype: weights and activations, bf16 | fp16 | fp32 (default bf16; quantized checkpoints keep their format).
+        tokenizer: a Tokenizer, or a file/folder; default: the checkpoint's own, else the Llama 3 vocabulary.
         max_seq_len: cap on prompt + generated tokens.
         compile: torch.compile the decode step.
     """
-    from .checkpoint import load_model
-    from .config import CONFIGS
-    from .default_model import default_model_path
-
     if path is None:  # herd's bundled default model
         path = default_model_path()
-    from .quantize import is_quantized_checkpoint, load_quantized, use_cpu_kernels
-
-    p = Path(path)
-    if not p.exists():
+    if not Path(path).exists():
         hint = " (config names give shapes only: use LLM.random(name) for random weights)" if str(path).lower() in CONFIGS else ""
         raise FileNotFoundError(f"no checkpoint at {path}{hint}")
-    device = torch.device(device or _default_device())
-    if is_quantized_checkpoint(p):
-        model = load_quantized(p, device=device, dtype=None if dtype is None else _dtype(dtype))
-    else:
-        model = load_model(p, dtype=_dtype(dtype), device=device)
-    if device.type == "cpu":
-        use_cpu_kernels(model)
+    model = open_model(path, device=device or _default_device(), dtype=dtype)
     if not isinstance(tokenizer, Tokenizer):
-        tokenizer = load_tokenizer(tokenizer if tokenizer is not None else _tokenizer_source(p))
+        tokenizer = checkpoint_tokenizer(path, tokenizer)
     return LLM(model, tokenizer, max_seq_len=max_seq_len, compile=compile)
 
 
 def random_llm(name: str, *, seed: int = 0, device=None, dtype=None, tokenizer: Tokenizer | None = None,
                **kw) -> LLM:
     """An LLM with random weights in the shape of a named config (for tests, demos and benchmarks)."""
-    from .config import get_config
-
     args = get_config(name)
     torch.manual_seed(seed)
     model = Transformer(args)
     model.init_weights()
-    model = model.to(device=device or "cpu", dtype=_dtype(dtype))
+    model = model.to(device=device or "cpu", dtype=torch_dtype(dtype))
     if tokenizer is None:
         tokenizer = load_tokenizer(None, n_words=args.vocab_size)
     return LLM(model, tokenizer, **kw)
 
 
 LLM.random = staticmethod(random_llm)
-
-
-def _tokenizer_source(p: Path) -> Path | None:
-    """A .gguf file carries its vocabulary; a folder may hold tokenizer files; else None (the Llama 3 vocabulary)."""
-    if p.is_file():
-        return p if p.suffix == ".gguf" else None
-    for name in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json"):
-        if (p / name).is_file():
-            return p
-    return None
-
-
-def _dtype(dtype) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r} (expected one of {sorted(names)})")
-    return names[dtype]

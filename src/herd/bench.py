@@ -112,7 +112,7 @@ def measure_bandwidth(device: str = "cpu", mib: int = 2048, repeats: int = 5) ->
         out["torch_sum"] = n * 4 / _best_seconds(lambda: src.sum(), repeats, sync) / 1e9
         del src, dst
         return out
-    from .quantize import cpu_kernels
+    from .kernels import cpu_kernels
 
     buf = torch.ones(n)
     if cpu_kernels():
@@ -123,7 +123,7 @@ def measure_bandwidth(device: str = "cpu", mib: int = 2048, repeats: int = 5) ->
 
 def measure_matmul(device: str = "cpu", n: int | None = None) -> dict[str, float]:
     """Best bf16 and fp32 square-matmul TFLOP/s (metrics.measure_matmul_peak, the MFU denominator of training)."""
-    from .metrics import measure_matmul_peak
+    from .train.metrics import measure_matmul_peak
 
     dev = torch.device(device)
     return {name: measure_matmul_peak(dev, dtype, n=n) / 1e12
@@ -139,7 +139,7 @@ def fingerprint(device: str = "cpu", preset: str = "full", threads: int | None =
         raise BenchError("--device cuda: torch sees no CUDA device")
     if threads:
         torch.set_num_threads(threads)
-    from .quantize import cpu_kernels
+    from .kernels import cpu_kernels
 
     # 2 GiB: several times the last-level cache (480 MiB on this project's CPUs)
     mib, repeats, n = (256, 3, 1024) if preset == "smoke" else (2048, 5, None)

@@ -1,4 +1,5 @@
-"""Checkpoint I/O in both directions: Hugging Face safetensors folders and Meta consolidated.NN.pth folders.
+"""Checkpoint I/O in both directions for the two folder layouts: Hugging Face safetensors and Meta
+consolidated.NN.pth (GGUF files: herd.gguf; opening any format: herd.loading).
 
 Inside herd a state dict always uses Meta's names (the names of model.py). One key map (`META_TO_HF`) and one
 q/k row permutation (`permute_qk`) translate to and from the HF layout; both directions and the tests use them.
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import ConfigError, ModelArgs, get_config, load_params
+from .config import ConfigError, ModelArgs, load_params
 from .model import Transformer
 
 
@@ -300,8 +301,9 @@ def read_meta(folder: str | os.PathLike) -> tuple[ModelArgs, dict[str, torch.Ten
     return args, sd
 
 
-def read_checkpoint(path: str | os.PathLike, stack: ExitStack) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Config and validated Meta-named state dict of any supported checkpoint (lazy where the format allows)."""
+def read_folder(path: str | os.PathLike, stack: ExitStack) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Config and validated Meta-named state dict of an HF or Meta folder (lazy: memory-mapped tensors).
+    herd.loading.read_checkpoint opens every format (GGUF too)."""
     fmt = detect_format(path)
     if fmt == "hf":
         args, hf_sd = read_hf(path, stack)
@@ -310,32 +312,23 @@ def read_checkpoint(path: str | os.PathLike, stack: ExitStack) -> tuple[ModelArg
         args, sd = read_meta(path)
         sd = _untie(sd, args, str(path))
     else:
-        from . import gguf  # GGUF reading lives in its own module
-
-        args, sd = gguf.read_gguf(path)
+        raise CheckpointError(f"{path}: a {fmt} file, not an HF or Meta folder")
     check_state_dict(sd, args, str(path))
     return args, sd
 
 
-def load_model(
-    path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-) -> Transformer:
-    """A Transformer with the weights of an HF folder, Meta folder or GGUF file (strict keys and shapes)."""
-    with ExitStack() as stack:
-        args, sd = read_checkpoint(path, stack)
-        with torch.device("meta"):
-            model = Transformer(args)
-        sd = {k: (v.to(dtype) if dtype is not None else v) for k, v in sd.items()}
-        model.load_state_dict(sd, strict=True, assign=True)
-        if args.tie_embeddings:
-            model.output.weight = model.tok_embeddings.weight
-    return model.to(device)
+def folder_config(path: str | os.PathLike) -> ModelArgs:
+    """The config of an HF or Meta folder, without reading weights."""
+    p = Path(path)
+    if detect_format(p) == "hf":
+        return load_params(p / "config.json")
+    return load_params((p if (p / "params.json").exists() else p / "original") / "params.json")
 
 
 # ---- writing ------------------------------------------------------------------------------------------------
 
 
-class _AtomicDir:
+class AtomicDir:
     """Write into a hidden sibling folder; rename it to `final` only when everything is written."""
 
     def __init__(self, final: str | os.PathLike, overwrite: bool = False):
@@ -401,7 +394,7 @@ def save_hf(
             size = 0
         shards[-1].append(k)
         size += n
-    with _AtomicDir(out, overwrite) as tmp:
+    with AtomicDir(out, overwrite) as tmp:
         _write_json(tmp / "config.json", args.to_hf(_dtype_name(sd, dtype)))
         names = ["model.safetensors"] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
@@ -468,7 +461,7 @@ def save_meta(
         args, sd = sd.args, sd.state_dict()
     check_state_dict(sd, args, "state dict")
     out_args, ranks = shard_meta(sd, args, mp)
-    with _AtomicDir(out, overwrite) as tmp:
+    with AtomicDir(out, overwrite) as tmp:
         _write_json(tmp / "params.json", out_args.to_params())
         for r, rank_sd in enumerate(tqdm(ranks, desc="write meta", unit="shard", disable=not progress)):
             torch.save({k: _own_storage(_cast(v, dtype)) for k, v in rank_sd.items()}, tmp / f"consolidated.{r:02d}.pth")
@@ -501,72 +494,8 @@ def verify_checklist(folder: str | os.PathLike, progress: bool = False) -> int:
     return n
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def convert(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    to: str,
-    mp: int = 1,
-    dtype: str | None = None,
-    verify: bool = True,
-    overwrite: bool = False,
-    progress: bool = False,
-) -> Path:
-    """Convert any supported checkpoint to the HF or Meta layout."""
-    if to not in ("hf", "meta"):
-        raise CheckpointError(f"unknown target layout {to!r} (hf or meta)")
-    if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})")
-    if verify and detect_format(src) == "meta":
-        verify_checklist(Path(src), progress)
-    torch_dtype = DTYPES[dtype] if dtype else None
-    with ExitStack() as stack:
-        args, sd = read_checkpoint(src, stack)
-        if to == "hf":
-            if mp != 1:
-                raise CheckpointError("--mp applies to the Meta layout only")
-            return save_hf(sd, args, dst, dtype=torch_dtype, overwrite=overwrite, progress=progress)
-        return save_meta(sd, args, dst, mp=mp, dtype=torch_dtype, overwrite=overwrite, progress=progress)
-
-
-def model_info(path_or_name: str) -> dict:
-    """Config, parameter count and weight bytes at each dtype, for a checkpoint path or a named config."""
-    from .config import CONFIGS, kv_cache_bytes_per_token, num_params
-
-    if path_or_name.lower() in CONFIGS and not Path(path_or_name).exists():
-        args, fmt, files = get_config(path_or_name), "name", []
-    else:
-        fmt = detect_format(path_or_name)
-        p = Path(path_or_name)
-        if fmt == "hf":
-            args = load_params(p / "config.json")
-        elif fmt == "meta":
-            p = p if (p / "params.json").exists() else p / "original"
-            args = load_params(p / "params.json")
-        else:
-            from . import gguf
-
-            args = gguf.read_gguf_config(p)
-        files = sorted(f.name for f in (p.iterdir() if p.is_dir() else [p]))
-    n = num_params(args)
-    return {
-        "format": fmt,
-        "config": args.to_params(),
-        "head_dim": args.head_dim,
-        "ffn_hidden_dim": args.ffn_hidden_dim,
-        "parameters": n,
-        "bytes": {"fp32": 4 * n, "bf16": 2 * n, "fp16": 2 * n, "int8": n, "int4": n // 2},
-        "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(args),
-        "files": files,
-    }
-
-
 __all__ = [
     "CheckpointError", "ConfigError", "META_TO_HF", "permute_qk", "meta_to_hf", "hf_to_meta", "check_state_dict",
-    "detect_format", "read_checkpoint", "load_model", "save_hf", "save_meta", "shard_meta", "convert", "model_info",
-    "verify_checklist", "DTYPES",
+    "detect_format", "read_folder", "folder_config", "read_hf", "read_meta", "save_hf", "save_meta", "shard_meta",
+    "verify_checklist", "AtomicDir",
 ]
-

@@ -1,8 +1,9 @@
 """The `herd` command: a thin argparse layer over typed library functions.
 
-Each subcommand is one `add_<name>(sub)` function that declares its flags and binds a handler `_<name>(args)`.
-Handlers only parse, call the library, and print; errors derived from HerdError/ValueError/OSError become a one-line
-message and exit code 2 (no traceback unless HERD_DEBUG=1).
+`COMMANDS` at the bottom is the whole command line: name -> (help, a function that declares the flags, a handler).
+Handlers only parse, call the library, and print; ValueError/OSError/KeyError become a one-line message and exit
+code 2 (no traceback unless HERD_DEBUG=1). The chat commands' flags and handlers are in cli_chat.py, the training
+commands' in cli_train.py; library modules are imported inside handlers, so `herd --help` starts fast.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from .cli_train import add_finetune, add_plot, add_pretrain  # noqa: F401  (registered by build_parser)
+from . import cli_chat, cli_train
+from .cli_chat import dtype_arg
+from .config import DTYPE_ALIASES, DTYPE_NAMES
 
 
 class CLIError(Exception):
@@ -24,19 +29,16 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, ensure_ascii=False))
 
 
-# ---- subcommands --------------------------------------------------------------------------------------------
-# (each add_* registers one subcommand; keep handlers thin)
+# ---- subcommands: _<name>_args(p) declares the flags, _<name>(args) runs it --------------------------------
 
 
-def add_info(sub) -> None:
-    p = sub.add_parser("info", help="print a model's config, parameter count and size at each dtype")
+def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint folder (HF or Meta), .gguf file, or a config name such as llama-3.1-8b")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_info)
 
 
 def _info(args) -> int:
-    from .checkpoint import model_info
+    from .loading import model_info
 
     info = model_info(args.model)
     if args.json:
@@ -53,29 +55,27 @@ def _info(args) -> int:
     return 0
 
 
-def add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert a checkpoint to the HF or Meta layout, or to a GGUF file")
+def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="source checkpoint (HF folder, Meta folder or .gguf file)")
     p.add_argument("dst", help="destination folder (must not exist, or be empty), or OUT.gguf")
     p.add_argument("--to", required=True, choices=["hf", "meta", "gguf"], help="target layout")
     p.add_argument("--mp", type=_positive_int, default=1, help="model-parallel shards for --to meta (default 1)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "f32", "f16", "q8_0", "q4_0"],
+    p.add_argument("--dtype", type=_convert_dtype, choices=[*DTYPE_NAMES, "f32", "f16", "q8_0", "q4_0"],
                    help="hf/meta: bf16|fp16|fp32 (default: keep); gguf: f32|f16|bf16|q8_0|q4_0 (default f16)")
     p.add_argument("--tokenizer", help="--to gguf: tokenizer file or folder (default: the source folder's, "
                                        "else the Llama 3 vocabulary)")
     p.add_argument("--no-verify", action="store_true", help="skip the md5 check of Meta's checklist.chk")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
-    p.set_defaults(func=_convert)
 
 
 def _convert(args) -> int:
     if args.to == "gguf":
-        from .gguf import export_gguf
+        from .convert import export_gguf
 
         dtype = {"fp32": "f32", "fp16": "f16"}.get(args.dtype, args.dtype or "f16")
         out = export_gguf(args.src, args.dst, dtype=dtype, tokenizer_path=args.tokenizer, progress=True)
     else:
-        from .checkpoint import convert
+        from .convert import convert
 
         if args.dtype in ("q8_0", "q4_0", "f32", "f16"):
             raise CLIError(f"--dtype {args.dtype} applies to --to gguf; use bf16, fp16 or fp32 (or `herd quantize`)")
@@ -85,8 +85,7 @@ def _convert(args) -> int:
     return 0
 
 
-def add_plan(sub) -> None:
-    p = sub.add_parser("plan", help="memory, FLOPs and time to serve or train a model on given hardware")
+def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="config name, e.g. llama-3.1-405b")
     p.add_argument("--seq-len", type=_positive_int, help="context length (default: the model's, 131072)")
     p.add_argument("--batch", type=_positive_int, default=1, help="sequences in the KV cache (default 1)")
@@ -101,11 +100,10 @@ def add_plan(sub) -> None:
     p.add_argument("--tokens", type=float, help="training tokens (for a time estimate)")
     p.add_argument("--flops", type=float, help="total training FLOPs (instead of --tokens)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_plan)
 
 
 def _plan(args) -> int:
-    from .plan import format_plan, plan, plan_dict
+    from .sizing import format_plan, plan, plan_dict
 
     result = plan(args.model, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype, gpus=args.gpus, tp=args.tp,
                   pp=args.pp, hardware=args.hardware, mfu=args.mfu, train=args.train, tokens=args.tokens,
@@ -117,27 +115,27 @@ def _plan(args) -> int:
     return 0
 
 
-def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model: perplexity of a text file, or lm-eval-harness tasks")
+def _eval_args(p: argparse.ArgumentParser) -> None:
     ev = p.add_subparsers(dest="eval_command", metavar="{perplexity,tasks}", required=True)
     ppl = ev.add_parser("perplexity", help="sliding-window perplexity and bits per byte of a text file")
     ppl.add_argument("--model", required=True, help="checkpoint (HF/Meta folder, .gguf, or herd quantize output)")
     ppl.add_argument("--file", required=True, help="UTF-8 text file")
     ppl.add_argument("--window", type=_positive_int, help="tokens per window (default min(context, 2048))")
     ppl.add_argument("--stride", type=_positive_int, help="tokens between window starts (default window/2)")
-    ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ppl.add_argument("--dtype", type=dtype_arg, default="fp32", choices=DTYPE_NAMES,
+                     help="compute dtype (default fp32; long names such as float32 also accepted)")
     ppl.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ppl.add_argument("--json", action="store_true", help="machine-readable output")
-    ppl.set_defaults(func=_eval_perplexity)
     tasks = ev.add_parser("tasks", help="lm-eval-harness with the herd model type, e.g. "
                                         "herd eval tasks --model_args model=PATH --tasks hellaswag", add_help=False)
     tasks.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments passed to lm_eval")
-    tasks.set_defaults(func=_eval_tasks)
+
+
+def _eval(args) -> int:
+    return _eval_tasks(args) if args.eval_command == "tasks" else _eval_perplexity(args)
 
 
 def _eval_perplexity(args) -> int:
-    from pathlib import Path
-
     from .api import load
     from .evaluate import text_perplexity
 
@@ -167,31 +165,27 @@ def _eval_tasks(args) -> int:
     return run_lm_eval(rest)
 
 
-def add_merge_lora(sub) -> None:
-    p = sub.add_parser("merge-lora", help="fold a PEFT LoRA adapter into its base model and write the result")
+def _merge_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", help="base checkpoint (HF folder, Meta folder or .gguf)")
     p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out", help="output folder (must not exist, or be empty)")
     p.add_argument("--to", choices=["hf", "meta"], default="hf", help="output layout (default hf)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the base's)")
-    p.set_defaults(func=_merge_lora)
+    p.add_argument("--dtype", type=dtype_arg, choices=DTYPE_NAMES, help="output dtype (default: the base's)")
 
 
 def _merge_lora(args) -> int:
-    from .checkpoint import DTYPES
+    from .config import torch_dtype
     from .lora import merge_adapter
 
     out = merge_adapter(args.base, args.adapter, args.out, to=args.to,
-                        dtype=DTYPES[args.dtype] if args.dtype else None)
+                        dtype=torch_dtype(args.dtype) if args.dtype else None)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
-def add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="build a small random Llama 3.1 checkpoint, convert it both ways, print its info")
+def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/demo", help="folder for the example checkpoints (default out/demo)")
     p.add_argument("--config", default="tiny", help="config name for the example (default tiny)")
-    p.set_defaults(func=_demo)
 
 
 def _demo(args) -> int:
@@ -200,8 +194,10 @@ def _demo(args) -> int:
 
     import torch
 
-    from .checkpoint import convert, load_model, model_info, save_meta
+    from .checkpoint import save_meta
     from .config import get_config
+    from .convert import convert
+    from .loading import load_model, model_info
     from .model import Transformer
 
     out = Path(args.out)
@@ -224,33 +220,29 @@ def _demo(args) -> int:
 _TOKENIZER_HELP = "tokenizer file or folder (default: the Llama 3 vocabulary of the llama-models package)"
 
 
-def add_tokenize(sub) -> None:
-    p = sub.add_parser("tokenize", help="print the token ids of TEXT as a JSON list (special-token text stays text)")
+def _tokenize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help='text to encode; "-" reads stdin')
     p.add_argument("--model", help=_TOKENIZER_HELP)
     p.add_argument("--bos", action="store_true", help="prepend <|begin_of_text|>")
-    p.set_defaults(func=_tokenize)
 
 
 def _tokenize(args) -> int:
-    from .tokenizer import load_tokenizer
+    from .loading import load_tokenizer
 
     text = sys.stdin.read() if args.text == "-" else args.text
     _print_json(load_tokenizer(args.model).encode(text, bos=args.bos))
     return 0
 
 
-def add_detokenize(sub) -> None:
-    p = sub.add_parser("detokenize", help="print the text of token ids")
+def _detokenize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ids", nargs="+", help="token ids: integers, or one JSON list as printed by tokenize")
     p.add_argument("--model", help=_TOKENIZER_HELP)
-    p.set_defaults(func=_detokenize)
 
 
 def _detokenize(args) -> int:
     import re
 
-    from .tokenizer import load_tokenizer
+    from .loading import load_tokenizer
 
     text = " ".join(args.ids).strip()
     if text.startswith("["):
@@ -268,20 +260,18 @@ def _detokenize(args) -> int:
     return 0
 
 
-def add_chat_template(sub) -> None:
-    p = sub.add_parser("chat-template", help='render a dialog in the Llama 3.1 chat format as JSON {"text", "ids"}')
+def _chat_template_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--messages", required=True, help='JSON file: a list of messages, or {"messages", "tools"}')
     p.add_argument("--tools", help="JSON file: a list of tools (built-in names or OpenAI-style function definitions)")
     p.add_argument("--model", help=_TOKENIZER_HELP)
     p.add_argument("--date", help='the "Today Date" when tools are given, e.g. "21 September 2024" (default: today)')
     p.add_argument("--tool-format", choices=["json", "function_tag"], default="json", help="custom tool call format")
     p.add_argument("--no-generation-prompt", action="store_true", help="do not end with an open assistant header")
-    p.set_defaults(func=_chat_template)
 
 
 def _chat_template(args) -> int:
     from .chat_format import ChatFormat
-    from .tokenizer import load_tokenizer
+    from .loading import load_tokenizer
 
     messages, tools = _read_json(args.messages, "messages"), None
     if isinstance(messages, dict) and "messages" in messages:
@@ -296,43 +286,7 @@ def _chat_template(args) -> int:
     return 0
 
 
-def add_generate(sub) -> None:
-    from .chat_cli import model_flags
-
-    p = sub.add_parser("generate", help="continue a prompt (or answer it as a chat turn with --chat), streaming")
-    p.add_argument("--prompt", required=True, help='prompt text; "-" reads stdin')
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat format")
-    p.add_argument("--system", help="system message (with --chat)")
-    p.add_argument("--ids", action="store_true", help="print the generated token ids as a JSON list instead of text")
-    p.add_argument("--stats", action="store_true", help="finish with one JSON line: prompt_tokens, generated_tokens, "
-                                                        "prefill_tok_s, decode_tok_s")
-    model_flags(p)
-    p.set_defaults(func=_generate)
-
-
-def _generate(args) -> int:
-    from .chat_cli import run_generate
-
-    return run_generate(args)
-
-
-def add_chat(sub) -> None:
-    from .chat_cli import model_flags
-
-    p = sub.add_parser("chat", help="interactive chat in the terminal (/system, /reset, /quit; Ctrl-C stops a reply)")
-    p.add_argument("--system", help="initial system message")
-    model_flags(p)
-    p.set_defaults(func=_chat)
-
-
-def _chat(args) -> int:
-    from .chat_cli import run_chat
-
-    return run_chat(args)
-
-
-def add_quantize(sub) -> None:
-    p = sub.add_parser("quantize", help="write a weight-only int8/int4 copy of a checkpoint (loads with --model)")
+def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="source checkpoint (HF or Meta folder, or .gguf file)")
     p.add_argument("out", help="destination folder (must not exist, or be empty)")
     p.add_argument("--dtype", required=True, choices=["int8", "int4"], help="int8 per channel or int4 in groups")
@@ -340,11 +294,10 @@ def add_quantize(sub) -> None:
     p.add_argument("--eval-tokens", type=int, default=512,
                    help="tokens for the perplexity check before/after (default 512; 0 skips it)")
     p.add_argument("--eval-file", help="text file for the perplexity check (default: Python's textwrap.py source)")
-    p.set_defaults(func=_quantize)
 
 
 def _quantize(args) -> int:
-    from .quantize import quantize_checkpoint
+    from .convert import quantize_checkpoint
 
     if args.eval_tokens < 0:
         raise CLIError(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
@@ -362,9 +315,7 @@ def _quantize(args) -> int:
     return 0
 
 
-def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="machine fingerprint + decode, prefill, training and server benchmarks, "
-                                     "one table")
+def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint for the decode benchmark (default: random Llama-3.2-1B weights)")
     p.add_argument("--only", help="comma-separated subset of decode,train,serve (default: all)")
     size = p.add_mutually_exclusive_group()
@@ -376,7 +327,6 @@ def add_bench(sub) -> None:
                         "on the CPU)")
     p.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
     p.add_argument("--json", help="also write the fingerprint, rows and each script's results to this file")
-    p.set_defaults(func=_bench)
 
 
 def _bench(args) -> int:
@@ -396,8 +346,7 @@ def _bench(args) -> int:
     return 0 if report.ok else 1
 
 
-def add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model: OpenAI and Ollama APIs, continuous batching, web playground")
+def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint: HF or Meta folder, .gguf file, or `herd quantize` output")
     p.add_argument("--random-weights", action="store_true", help="--model is a config name (e.g. tiny-llama3-vocab): "
                                                                  "serve random weights, for demos and tests")
@@ -417,8 +366,7 @@ def add_serve(sub) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds running requests get on SIGTERM")
     p.add_argument("--tokenizer", help="tokenizer file or folder (default: the model folder's, else Llama 3's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights and activations (default bf16)")
-    p.set_defaults(func=_serve)
+    p.add_argument("--dtype", type=dtype_arg, choices=DTYPE_NAMES, help="weights and activations (default bf16)")
 
 
 def _serve(args) -> int:
@@ -452,6 +400,10 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _convert_dtype(s: str) -> str:
+    return dtype_arg(s) if s.lower() in DTYPE_ALIASES else s
+
+
 def _positive_int(s: str) -> int:
     try:
         v = int(s)
@@ -462,13 +414,51 @@ def _positive_int(s: str) -> int:
     return v
 
 
+# ---- the command table --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {
+    "info": Command("print a model's config, parameter count and size at each dtype", _info_args, _info),
+    "convert": Command("convert a checkpoint to the HF or Meta layout, or to a GGUF file", _convert_args, _convert),
+    "quantize": Command("write a weight-only int8/int4 copy of a checkpoint (loads with --model)",
+                       _quantize_args, _quantize),
+    "merge-lora": Command("fold a PEFT LoRA adapter into its base model and write the result",
+                         _merge_lora_args, _merge_lora),
+    "demo": Command("build a small random Llama 3.1 checkpoint, convert it both ways, print its info",
+                   _demo_args, _demo),
+    "tokenize": Command("print the token ids of TEXT as a JSON list (special-token text stays text)",
+                       _tokenize_args, _tokenize),
+    "detokenize": Command("print the text of token ids", _detokenize_args, _detokenize),
+    "chat-template": Command('render a dialog in the Llama 3.1 chat format as JSON {"text", "ids"}',
+                            _chat_template_args, _chat_template),
+    "generate": Command("continue a prompt (or answer it as a chat turn with --chat), streaming",
+                       cli_chat.generate_args, cli_chat.run_generate),
+    "chat": Command("interactive chat in the terminal (/system, /reset, /quit; Ctrl-C stops a reply)",
+                   cli_chat.chat_args, cli_chat.run_chat),
+    "serve": Command("serve a model: OpenAI and Ollama APIs, continuous batching, web playground", _serve_args, _serve),
+    "eval": Command("evaluate a model: perplexity of a text file, or lm-eval-harness tasks", _eval_args, _eval),
+    "plan": Command("memory, FLOPs and time to serve or train a model on given hardware", _plan_args, _plan),
+    "bench": Command("machine fingerprint + decode, prefill, training and server benchmarks, one table",
+                    _bench_args, _bench),
+    "pretrain": Command(cli_train.PRETRAIN_HELP, cli_train.pretrain_args, cli_train.run_pretrain),
+    "finetune": Command(cli_train.FINETUNE_HELP, cli_train.finetune_args, cli_train.run_finetune),
+    "plot": Command(cli_train.PLOT_HELP, cli_train.plot_args, cli_train.run_plot),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="herd", description="Llama 3.1 end to end in plain PyTorch.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, fn in sorted(globals().items()):
-        if name.startswith("add_") and callable(fn):
-            fn(sub)
+    for name, cmd in COMMANDS.items():
+        cmd.add_arguments(sub.add_parser(name, help=cmd.help))
     return p
 
 
@@ -480,11 +470,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    if not getattr(args, "func", None):
+    if args.command is None:
         parser.print_help()
         return 1
     try:
-        return args.func(args) or 0
+        return COMMANDS[args.command].run(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

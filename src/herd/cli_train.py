@@ -1,4 +1,4 @@
-"""`herd pretrain`, `herd finetune` and `herd plot`: the training subcommands (registered by cli.build_parser).
+"""`herd pretrain`, `herd finetune` and `herd plot`: the training subcommands (listed in cli.COMMANDS).
 
 Same contract as cli.py: flags, one library call, a one-line summary; bad settings raise ValueError, which the
 `herd` entry point prints as one line with exit code 2.
@@ -6,28 +6,32 @@ Same contract as cli.py: flags, one library call, a one-line summary; bad settin
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
+PRETRAIN_HELP = "pretrain a model on text files from a YAML run config (also under torchrun)"
+FINETUNE_HELP = "fine-tune on chat/Alpaca JSONL: full, LoRA or QLoRA (also under torchrun)"
+PLOT_HELP = "write a PNG of a training run's loss curves"
 
-def _training_flags(p, example: str, override_example: str, handler) -> None:
+
+def _training_flags(p: argparse.ArgumentParser, example: str, override_example: str) -> None:
     p.add_argument("--config", required=True, help=f"YAML run settings, e.g. {example}")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"override settings, e.g. {override_example}")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
-    p.set_defaults(func=handler)
 
 
-def _run(command: str, settings, print_config: bool, run) -> int:
+def _run(command: str, settings, print_config: bool, recipe) -> int:
     """Print the settings, or run them; a diverged run exits 3, and only rank 0 prints the summary line."""
     import yaml
 
-    from .train import TrainingDiverged
+    from .train import TrainingDiverged, train
 
     if print_config:
         print(yaml.safe_dump(settings.to_dict(), sort_keys=False), end="")
         return 0
     try:
-        result = run(settings)
+        result = train(settings, recipe)
     except TrainingDiverged as e:
         print(f"herd {command}: stopped: {e}", file=sys.stderr)
         return 3
@@ -37,41 +41,36 @@ def _run(command: str, settings, print_config: bool, run) -> int:
     return 0
 
 
-def add_pretrain(sub) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a model on text files from a YAML run config (also under torchrun)")
-    _training_flags(p, "configs/pretrain-tiny.yaml", "optim.lr=1e-3 train.steps=200", _pretrain)
+def pretrain_args(p: argparse.ArgumentParser) -> None:
+    _training_flags(p, "configs/pretrain-tiny.yaml", "optim.lr=1e-3 train.steps=200")
 
 
-def _pretrain(args) -> int:
-    from .train import load_settings, train
+def run_pretrain(args) -> int:
+    from .train import PRETRAINING, load_settings
 
     settings = load_settings(args.config, args.overrides)
     if settings.finetune is not None:
         raise ValueError(f"{args.config} has a finetune section: run it with `herd finetune`")
-    return _run("pretrain", settings, args.print_config, train)
+    return _run("pretrain", settings, args.print_config, PRETRAINING)
 
 
-def add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune on chat/Alpaca JSONL: full, LoRA or QLoRA (also under torchrun)")
-    _training_flags(p, "configs/finetune-lora.yaml",
-                    "finetune.method=qlora model.init_from=PATH data.paths=[my.jsonl]", _finetune)
+def finetune_args(p: argparse.ArgumentParser) -> None:
+    _training_flags(p, "configs/finetune-lora.yaml", "finetune.method=qlora model.init_from=PATH data.paths=[my.jsonl]")
 
 
-def _finetune(args) -> int:
-    from .finetune import finetune, load_settings
+def run_finetune(args) -> int:
+    from .train import FINETUNING, load_finetune_settings
 
-    return _run("finetune", load_settings(args.config, args.overrides), args.print_config, finetune)
+    return _run("finetune", load_finetune_settings(args.config, args.overrides), args.print_config, FINETUNING)
 
 
-def add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="write a PNG of a training run's loss curves")
+def plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
     p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
-    p.set_defaults(func=_plot)
 
 
-def _plot(args) -> int:
-    from .metrics import plot_run
+def run_plot(args) -> int:
+    from .train.metrics import plot_run
 
     print(plot_run(args.run_dir, args.out))
     return 0

@@ -148,7 +148,7 @@ class ModelArgs:
             )
         elif rope_type != "default":
             raise ConfigError(f"rope type {rope_type!r} is not supported (only llama3 and default)")
-        args.update(_ffn_fields(dim, hidden))
+        args.update(ffn_fields(dim, hidden))
         cfg = cls(**args)
         if cfg.ffn_hidden_dim != hidden:
             raise ConfigError(f"cannot represent intermediate_size {hidden} for hidden_size {dim}")
@@ -209,7 +209,7 @@ def _check_keys(params: dict) -> None:
         raise ConfigError(f"unknown model config keys: {sorted(unknown)} (known: {sorted(FIELDS)})")
 
 
-def _ffn_fields(dim: int, hidden: int) -> dict[str, Any]:
+def ffn_fields(dim: int, hidden: int) -> dict[str, Any]:
     """(ffn_dim_multiplier, multiple_of) that reproduce an explicit SwiGLU hidden size."""
     for cfg in CONFIGS.values():
         if cfg.dim == dim and cfg.ffn_hidden_dim == hidden:
@@ -290,3 +290,28 @@ def num_params(cfg: ModelArgs) -> int:
 
 def kv_cache_bytes_per_token(cfg: ModelArgs, bytes_per_elem: int = 2) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per_elem
+
+
+# ---- dtype names --------------------------------------------------------------------------------------------
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # the one spelling every command and setting takes
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
+def dtype_name(name: str) -> str:
+    """'bf16' | 'fp16' | 'fp32' for a short or long dtype name (torch's spelling, with or without 'torch.')."""
+    key = str(name).lower().removeprefix("torch.")
+    key = DTYPE_ALIASES.get(key, key)
+    if key not in DTYPE_NAMES:
+        raise ConfigError(f"unknown dtype {name!r} (expected {', '.join(DTYPE_NAMES)}, or "
+                          f"{', '.join(DTYPE_ALIASES)})")
+    return key
+
+
+def torch_dtype(name, default: str = "bf16"):
+    """A torch.dtype from a dtype name (None: `default`); a torch.dtype passes through."""
+    import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name(name or default)]

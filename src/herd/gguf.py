@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, check_state_dict
-from .config import ConfigError, ModelArgs, _ffn_fields
-from .chat_format import LLAMA31_CHAT_TEMPLATE
+from .config import ConfigError, ModelArgs, ffn_fields
 from .model import rope_frequencies
+from .tokenizer import byte_to_unicode
 
 
 class GGUFError(CheckpointError):
@@ -174,8 +174,6 @@ def write_gguf(
         writer.add_file_type(FILE_TYPES[want])
         for key, value in _model_metadata(args).items():
             _add_kv(writer, key, value)
-        from .gguf_vocab import tokenizer_metadata
-
         for key, value in tokenizer_metadata(tokenizer).items():
             _add_kv(writer, key, value)
         if chat_template:
@@ -198,6 +196,44 @@ def write_gguf(
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def tokenizer_metadata(tokenizer) -> dict[str, Any]:
+    """GGUF tokenizer keys for a herd Tokenizer (byte-level BPE, llama.cpp's "gpt2" model, "llama-bpe" split)."""
+    table = byte_to_unicode()
+    as_text = lambda b: "".join(table[x] for x in b)  # noqa: E731
+    ranks = {tokenizer.token_bytes(i): i for i in range(tokenizer.n_base)}
+    tokens = [as_text(tokenizer.token_bytes(i)) for i in range(tokenizer.n_base)]
+    specials = sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
+    tokens += [name for name, _ in specials]
+    types = [1] * tokenizer.n_base + [3] * len(specials)  # 1 normal, 3 control
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "llama-bpe",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": [f"{as_text(a)} {as_text(b)}" for a, b in merges_from_ranks(ranks)],
+        "tokenizer.ggml.bos_token_id": tokenizer.bos_id,
+        "tokenizer.ggml.eos_token_id": tokenizer.eos_id,
+        "tokenizer.ggml.eot_token_id": tokenizer.eot_id,
+        "tokenizer.ggml.eom_token_id": tokenizer.eom_id,
+        "tokenizer.ggml.padding_token_id": tokenizer.pad_id,
+        "tokenizer.ggml.add_bos_token": True,
+    }
+
+
+def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The BPE merge list implied by tiktoken ranks: each multi-byte token is produced by merging any split of it
+    into two tokens; merges are ordered by the rank of the token they produce, then by the ranks of the parts."""
+    merges = []
+    for token, rank in ranks.items():
+        if len(token) < 2:
+            continue
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        splits.sort(key=lambda ab: (ranks[ab[0]], ranks[ab[1]]))
+        merges.extend((rank, a, b) for a, b in splits)
+    merges.sort(key=lambda m: m[0])
+    return [(a, b) for _, a, b in merges]
 
 
 def _encode(v: torch.Tensor, t: int) -> np.ndarray:
@@ -440,7 +476,7 @@ def _config(f: GGUFFile) -> ModelArgs:
             rope_theta=float(f.get("llama.rope.freq_base", (int, float)) or 10000.0),
             max_seq_len=f.get("llama.context_length", int) or 131072,
             tie_embeddings="output.weight" not in f.tensors,
-            **_ffn_fields(dim, need("feed_forward_length")),
+            **ffn_fields(dim, need("feed_forward_length")),
         )
     except ConfigError as e:
         raise GGUFError(f"{name}: {e}") from None
@@ -502,28 +538,6 @@ def read_gguf(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, torch.Tenso
     return args, sd
 
 
-def export_gguf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "f16", tokenizer_path=None,
-                progress: bool = False) -> Path:
-    """`herd convert M OUT.gguf --to gguf`: any checkpoint herd reads, with its tokenizer, as one GGUF file."""
-    from contextlib import ExitStack
-
-    from .checkpoint import read_checkpoint
-    from .tokenizer import load_tokenizer
-
-    out = Path(out)
-    if out.exists():
-        raise GGUFError(f"{out}: already exists")
-    with ExitStack() as stack:
-        args, sd = read_checkpoint(src, stack)
-        tok_src = tokenizer_path
-        if tok_src is None and Path(src).is_dir():
-            folder = Path(src)
-            if any((folder / n).exists() for n in ("tokenizer.model", "tokenizer.json", "original/tokenizer.model")):
-                tok_src = folder
-        tokenizer = load_tokenizer(tok_src)
-        return write_gguf(sd, args, tokenizer, out, dtype=dtype, name=Path(src).name,
-                          chat_template=LLAMA31_CHAT_TEMPLATE, progress=progress)
-
-
 __all__ = ["GGUFError", "GGUFFile", "write_gguf", "read_gguf", "read_gguf_config", "quantize_q8_0", "quantize_q4_0",
-           "dequantize", "export_gguf", "LLAMA31_CHAT_TEMPLATE"]  # vocabularies and templates: gguf_vocab.py
+           "dequantize", "tokenizer_metadata", "merges_from_ranks"]
+# reading vocabularies and rendering chat templates: gguf_vocab.py; a checkpoint to GGUF: herd.convert

@@ -1,60 +1,18 @@
-"""GGUF vocabularies and chat templates: herd's tokenizer as llama.cpp's byte-level BPE keys (with the merge list
-llama.cpp wants), the reverse (a checked herd Tokenizer from a file's keys), and sandboxed template rendering.
-The file format itself (reader, writer, tensor types) is gguf.py.
+"""What a GGUF file's keys mean to herd beyond the weights: a checked herd Tokenizer from its byte-level BPE
+vocabulary, and sandboxed rendering of its chat template. The file format itself (reader, writer with the
+vocabulary keys it writes, tensor types) is gguf.py.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from .gguf import STRING, GGUFError, GGUFFile
-
-
-def tokenizer_metadata(tokenizer) -> dict[str, Any]:
-    """GGUF tokenizer keys for a herd Tokenizer (byte-level BPE, llama.cpp's "gpt2" model, "llama-bpe" split)."""
-    from .tokenizer import byte_to_unicode
-
-    table = byte_to_unicode()
-    as_text = lambda b: "".join(table[x] for x in b)  # noqa: E731
-    ranks = {tokenizer.token_bytes(i): i for i in range(tokenizer.n_base)}
-    tokens = [as_text(tokenizer.token_bytes(i)) for i in range(tokenizer.n_base)]
-    specials = sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
-    tokens += [name for name, _ in specials]
-    types = [1] * tokenizer.n_base + [3] * len(specials)  # 1 normal, 3 control
-    return {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "llama-bpe",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": [f"{as_text(a)} {as_text(b)}" for a, b in merges_from_ranks(ranks)],
-        "tokenizer.ggml.bos_token_id": tokenizer.bos_id,
-        "tokenizer.ggml.eos_token_id": tokenizer.eos_id,
-        "tokenizer.ggml.eot_token_id": tokenizer.eot_id,
-        "tokenizer.ggml.eom_token_id": tokenizer.eom_id,
-        "tokenizer.ggml.padding_token_id": tokenizer.pad_id,
-        "tokenizer.ggml.add_bos_token": True,
-    }
-
-
-def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """The BPE merge list implied by tiktoken ranks: each multi-byte token is produced by merging any split of it
-    into two tokens; merges are ordered by the rank of the token they produce, then by the ranks of the parts."""
-    merges = []
-    for token, rank in ranks.items():
-        if len(token) < 2:
-            continue
-        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
-        splits.sort(key=lambda ab: (ranks[ab[0]], ranks[ab[1]]))
-        merges.extend((rank, a, b) for a, b in splits)
-    merges.sort(key=lambda m: m[0])
-    return [(a, b) for _, a, b in merges]
+from .tokenizer import Tokenizer, TokenizerError, byte_to_unicode
 
 
 def read_gguf_tokenizer(path: str | os.PathLike):
     """A herd Tokenizer from the file's byte-level BPE vocabulary, with every id checked against the vocab size."""
-    from .tokenizer import Tokenizer, TokenizerError, byte_to_unicode
-
     f = GGUFFile(path)
     name = f.path.name
     try:

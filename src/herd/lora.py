@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import META_TO_HF, CheckpointError, _AtomicDir, permute_qk, translate_key
+from .checkpoint import META_TO_HF, AtomicDir, CheckpointError, permute_qk, save_hf, save_meta, translate_key
+from .loading import load_model
 from .model import Transformer
 
 # Meta module names and the HF names PEFT uses for them.
@@ -168,7 +169,7 @@ def save_peft(model: Transformer, out: str | os.PathLike, *, base_model: str | N
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
         "use_dora": False, "modules_to_save": None, "base_model_name_or_path": base_model,
     }
-    with _AtomicDir(out, overwrite=True) as tmp:
+    with AtomicDir(out, overwrite=True) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     return Path(out)
@@ -222,8 +223,6 @@ def load_peft(model: Transformer, adapter: str | os.PathLike) -> Transformer:
 def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
                   to: str = "hf", dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """`herd merge-lora BASE ADAPTER OUT`: base checkpoint + PEFT adapter -> merged checkpoint (HF or Meta)."""
-    from .checkpoint import load_model, save_hf, save_meta
-
     if to not in ("hf", "meta"):
         raise CheckpointError(f"unknown target layout {to!r} (hf or meta)")
     model = load_model(base)

@@ -8,11 +8,14 @@ functions that swap or wrap the nn.Linear modules below. Numerics follow Meta's 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelArgs
+if TYPE_CHECKING:  # annotations only: at run time the model imports torch and nothing else
+    from .config import ModelArgs
 
 
 class RMSNorm(nn.Module):

@@ -1,25 +1,18 @@
-"""Weight-only quantization (int8 per output channel, int4 in groups along K) and herd's CPU decode kernels.
+"""Weight-only quantization: int8 per output channel, int4 in groups along K.
 
-Everything here is applied from outside the model by plain functions that swap `nn.Linear` modules:
-`quantize_model(model, "int8" | "int4", group_size)` quantizes every linear layer in place (the output head
-included), `use_cpu_kernels(model)` routes bf16 linears through the CPU decode kernel, and
-`save_quantized` / `load_quantized` write and read a folder that `--model` accepts.
-
-Why our own kernels (measured on a 2-core AVX-512 Xeon, docs/generation.md has the table): batch-1 decode streams
-every weight once per token, so it is bound by memory bandwidth. PyTorch's `_weight_int8pack_mm` and
-`_weight_int4pack_mm_for_cpu` (what torchao's CPU int8/int4 weight-only layouts call) stream weights at about half
-the machine's read bandwidth, and eager bf16 `F.linear` at about 65%. `csrc/cpu_gemv.cpp` (built on first use
-with the system compiler) reaches 85-95%. Every other case (prefill, CUDA, training, CPUs without AVX-512 BF16)
-takes a plain PyTorch path that dequantizes on the fly.
+Applied from outside the model by plain functions that swap `nn.Linear` modules: `quantize_model(model, "int8" |
+"int4", group_size)` quantizes every linear layer in place (the output head included); `save_quantized` /
+`load_quantized` write and read a folder that `--model` accepts (`herd quantize` is herd.convert.quantize_checkpoint).
+On CPUs the int8/int4 modules decode with herd's kernels (herd.kernels); on GPUs under torch.compile as a fused
+multiply + sum; everywhere else by dequantizing on the fly.
 
 Formats: int8 W = q * scale (q in -127..127, scale = max|row| / 127, fp32). int4 W = q * scale + min per group of
-G weights (q in 0..15, scale and min in bf16), two nibbles per byte in the layout the kernel reads.
+G weights (q in 0..15, scale and min in bf16), two nibbles per byte in the layout the kernel reads (kernels.pack_int4).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -29,111 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
-from .model import Attention, Transformer
-
-log = logging.getLogger(__name__)
+from .kernels import Bf16Linear, cpu_kernels, kernel_ok, pack_int4, restore_linears, rows, swap_linears, unpack_int4
+from .model import Transformer
+from .tokenizer import TOKENIZER_COPY_FILES
 
 QUANT_DTYPES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 QUANT_FILE = "herd_quant.json"
 FORMAT_VERSION = 1
-KERNEL_MAX_ROWS = 16  # rows of x (batch x tokens) up to which the CPU kernels beat a dequantize + matmul
-
 
 class QuantizeError(ValueError):
     """A model or checkpoint that cannot be quantized or loaded as asked."""
-
-
-# ---- CPU kernels --------------------------------------------------------------------------------------------
-
-_KERNELS: bool | None = None
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_kernels(build: bool = True) -> bool:
-    """Whether herd's AVX-512 decode kernels are loaded (building them on first use; ~30 s once, then cached).
-
-    Off when HERD_CPU_KERNELS=0, on CPUs without AVX-512 BF16, without a C++ compiler, or if the self-test fails.
-    """
-    global _KERNELS
-    if _KERNELS is not None or not build:
-        return bool(_KERNELS)
-    _KERNELS = False
-    if os.environ.get("HERD_CPU_KERNELS", "1") == "0":
-        return False
-    if not {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"} <= _cpu_flags():
-        return False
-    try:
-        from torch.utils.cpp_extension import load
-
-        src = Path(__file__).with_name("csrc") / "cpu_gemv.cpp"
-        load(name="herd_cpu_gemv", sources=[str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-             is_python_module=False, verbose=False)
-        _register_fakes()
-        _KERNELS = _self_test()
-    except Exception as e:  # no compiler, no ninja, build error: the PyTorch path still works
-        log.warning("herd CPU kernels unavailable (%s); using the PyTorch path", str(e).splitlines()[0][:200])
-    return _KERNELS
-
-
-def _register_fakes() -> None:
-    """Shape-only versions of the kernels, so torch.compile can trace through them."""
-
-    def fake(x, w, *rest):
-        return x.new_empty(x.shape[0], w.shape[0])
-
-    def fake_dequantize(w, scales, mins, group_size):
-        return w.new_empty(w.shape[0], w.shape[1] * 2, dtype=torch.bfloat16)
-
-    def fake_attention(q, k, v, mask):
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-    for name, fn in (("linear_bf16", fake), ("linear_int8", fake), ("linear_int4", fake),
-                     ("dequantize_int4", fake_dequantize), ("decode_attention", fake_attention)):
-        try:
-            torch.library.register_fake(f"herd::{name}")(fn)
-        except RuntimeError:  # already registered in this process
-            pass
-
-
-def _self_test() -> bool:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 128, generator=g).bfloat16()
-    w = torch.randn(37, 128, generator=g) * 0.1
-    wb = w.bfloat16()
-    ok = torch.allclose(torch.ops.herd.linear_bf16(x, wb).float(), x.float() @ wb.float().T, atol=1e-2, rtol=1e-2)
-    q, s = quantize_int8(w)
-    ok &= torch.allclose(torch.ops.herd.linear_int8(x, q, s).float(), x.float() @ dequantize_int8(q, s).T,
-                         atol=1e-2, rtol=1e-2)
-    for gs in (32, 64):
-        p, sc, mn = quantize_int4(w, gs)
-        deq = dequantize_int4(p, sc, mn, gs)
-        ok &= torch.allclose(torch.ops.herd.linear_int4(x, p, sc, mn, gs).float(), x.float() @ deq.T, atol=2e-2, rtol=2e-2)
-        ok &= torch.allclose(torch.ops.herd.dequantize_int4(p, sc, mn, gs).float(), deq, atol=1e-2, rtol=1e-2)
-    if not ok:
-        log.warning("herd CPU kernels failed their self-test; using the PyTorch path")
-    return bool(ok)
-
-
-def _kernel_ok(x: torch.Tensor, k_multiple: int) -> bool:
-    """Use a CPU kernel for this input? (CPU, few rows, inference only, kernels loaded)."""
-    return (
-        x.device.type == "cpu"
-        and x.shape[-1] % k_multiple == 0
-        and x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS
-        and not (torch.is_grad_enabled() and x.requires_grad)
-        and cpu_kernels()
-    )
 
 
 # ---- quantization math --------------------------------------------------------------------------------------
@@ -174,19 +73,6 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor,
     mins = lo.to(torch.bfloat16)
     q = torch.round((wg - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8)
     return pack_int4(q.reshape(n, k)), scales, mins
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q (N, K) uint8 in 0..15 -> (N, K/2): per 64 weights, byte j = q[j] | q[j + 32] << 4 (the kernel's layout)."""
-    n, k = q.shape
-    blocks = q.reshape(n, k // 64, 2, 32)
-    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    n, half = packed.shape
-    blocks = packed.reshape(n, half // 32, 1, 32)
-    return torch.cat((blocks & 0x0F, blocks >> 4), dim=2).reshape(n, half * 2)
 
 
 def dequantize_int4(packed, scales, mins, group_size: int, dtype=torch.float32) -> torch.Tensor:
@@ -238,25 +124,6 @@ def int4_decode_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
 # ---- modules ------------------------------------------------------------------------------------------------
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
-
-
-class Bf16Linear(nn.Module):
-    """A bf16 linear layer (the same Parameter as the nn.Linear it replaces) that decodes with the CPU kernel."""
-
-    def __init__(self, weight: nn.Parameter):
-        super().__init__()
-        self.weight = weight
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype == torch.bfloat16 and _kernel_ok(x, 32):
-            y = torch.ops.herd.linear_bf16(_rows(x), self.weight)
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight)
-
-
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
@@ -271,8 +138,8 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _kernel_ok(x, 64):
-            y = torch.ops.herd.linear_int8(_rows(x), self.weight, self.scales)
+        if kernel_ok(x, 64):
+            y = torch.ops.herd.linear_int8(rows(x), self.weight, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
         if _fused_decode_ok(x):
             return int8_decode_matmul(x, self.weight, self.scales)
@@ -300,8 +167,8 @@ class Int4Linear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _kernel_ok(x, 128):  # the kernel takes 128 weights per step (every Llama width is a multiple)
-            y = torch.ops.herd.linear_int4(_rows(x), self.weight, self.scales, self.mins, self.group_size)
+        if kernel_ok(x, 128):  # the kernel takes 128 weights per step (every Llama width is a multiple)
+            y = torch.ops.herd.linear_int4(rows(x), self.weight, self.scales, self.mins, self.group_size)
             return y.view(*x.shape[:-1], self.out_features)
         if _fused_decode_ok(x):
             return int4_decode_matmul(x, self.weight, self.scales, self.mins, self.group_size)
@@ -318,16 +185,6 @@ class Int4Linear(nn.Module):
 # ---- model transforms ---------------------------------------------------------------------------------------
 
 
-def _swap_linears(model: nn.Module, make) -> list[str]:
-    """Replace every nn.Linear child by make(name, linear); returns the replaced names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(name, getattr(parent, child)))
-    return names
-
-
 @torch.no_grad()
 def quantize_model(model: Transformer, dtype: str, group_size: int = 128) -> Transformer:
     """Quantize every linear layer of `model` in place (weights are replaced one layer at a time)."""
@@ -342,53 +199,11 @@ def quantize_model(model: Transformer, dtype: str, group_size: int = 128) -> Tra
                 except QuantizeError as e:
                     raise QuantizeError(f"{name}: {e}") from None
     if dtype == "int8":
-        _swap_linears(model, lambda _, lin: Int8Linear.from_linear(lin))
+        swap_linears(model, lambda _, lin: Int8Linear.from_linear(lin))
     else:
-        _swap_linears(model, lambda _, lin: Int4Linear.from_linear(lin, group_size))
+        swap_linears(model, lambda _, lin: Int4Linear.from_linear(lin, group_size))
     model.quantization = {"dtype": dtype, "group_size": group_size if dtype == "int4" else None}
     return model
-
-
-def decode_sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
-    """F.scaled_dot_product_attention, with herd's CPU kernel for one-token decode steps (q of length 1 over the
-    cache, a bool mask or none). At the 1B shape (16 layers) SDPA's CPU kernel took ~3 ms of a compiled int8 step
-    and this one ~0.7 ms; the step got 3.7% faster (docs/generation.md)."""
-    if (q.shape[2] == 1 and not is_causal and not kw and q.device.type == "cpu" and q.shape[-1] % 16 == 0
-            and q.dtype in (torch.bfloat16, torch.float32) and k.dtype == q.dtype and v.dtype == q.dtype
-            and (attn_mask is None or attn_mask.dtype == torch.bool)
-            and not (torch.is_grad_enabled() and q.requires_grad) and cpu_kernels()):
-        return torch.ops.herd.decode_attention(q, k, v, attn_mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa,
-                                          **kw)
-
-
-def use_cpu_kernels(model: nn.Module) -> int:
-    """Route a CPU model's decode through herd's kernels: bf16 nn.Linear layers (returns how many were swapped)
-    and the attention of one-token steps (`decode_sdpa`)."""
-    if not cpu_kernels():
-        return 0
-    def swap(_, lin: nn.Linear) -> nn.Module:
-        w = lin.weight
-        return Bf16Linear(w) if lin.bias is None and w.dtype == torch.bfloat16 and w.device.type == "cpu" else lin
-
-    _swap_linears(model, swap)
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.sdpa = decode_sdpa
-    return sum(isinstance(m, Bf16Linear) for m in model.modules())
-
-
-def restore_linears(model: nn.Module) -> None:
-    """Undo use_cpu_kernels: Bf16Linear -> nn.Linear holding the same weight Parameter, SDPA for attention."""
-    for m in model.modules():
-        if isinstance(m, Attention) and "sdpa" in vars(m):
-            del m.sdpa
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, Bf16Linear):
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
-            lin.weight = mod.weight
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, lin)
 
 
 def weight_bytes_per_token(model: Transformer) -> int:
@@ -413,14 +228,12 @@ def _build(args: ModelArgs, meta: dict) -> Transformer:
         model = Transformer(args)
     dtype, gs = meta["dtype"], meta.get("group_size")
     if dtype == "int8":
-        _swap_linears(model, lambda _, lin: Int8Linear(lin.in_features, lin.out_features, device="meta"))
+        swap_linears(model, lambda _, lin: Int8Linear(lin.in_features, lin.out_features, device="meta"))
     else:
-        _swap_linears(model, lambda _, lin: Int4Linear(lin.in_features, lin.out_features, gs, device="meta"))
+        swap_linears(model, lambda _, lin: Int4Linear(lin.in_features, lin.out_features, gs, device="meta"))
     model.quantization = {"dtype": dtype, "group_size": gs}
     return model
 
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "original/tokenizer.model")
 
 
 def save_quantized(model: Transformer, out: str | os.PathLike, *, source: str | None = None,
@@ -443,7 +256,7 @@ def save_quantized(model: Transformer, out: str | os.PathLike, *, source: str | 
             "source": source, "report": report or {}}
     (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer_from is not None and Path(tokenizer_from).is_dir():
-        for name in TOKENIZER_FILES:
+        for name in TOKENIZER_COPY_FILES:
             f = Path(tokenizer_from) / name
             if f.is_file():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
@@ -485,62 +298,3 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
             sd[k] = sd[k].to(dtype)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device)
-
-
-# ---- perplexity and the quantize command --------------------------------------------------------------------
-
-
-def perplexity(model: Transformer, ids: list[int], window: int = 512) -> float:
-    """Perplexity of `ids` in windows of `window` tokens that score fresh tokens only (evaluate.perplexity)."""
-    from .evaluate import perplexity as strided
-
-    model.clear_caches()
-    window = max(2, min(window, len(ids), model.args.max_seq_len))
-    return strided(model, ids, window=window, stride=window - 1).perplexity
-
-
-def default_eval_text() -> str:
-    """Text that exists on every machine: the source of Python's textwrap and string modules (PSF licence)."""
-    import string
-    import textwrap
-
-    return "".join(Path(m.__file__).read_text(encoding="utf-8") for m in (textwrap, string))
-
-
-def eval_ids(src: str | os.PathLike, vocab_size: int, text: str, n_tokens: int) -> list[int]:
-    """Tokenize with the checkpoint's tokenizer (or the default Llama 3 one); byte ids when the vocab doesn't fit."""
-    from .tokenizer import load_tokenizer
-
-    from .api import _tokenizer_source
-
-    try:
-        tok = load_tokenizer(_tokenizer_source(Path(src)))
-        if tok.n_words == vocab_size:
-            return tok.encode(text, bos=True)[: n_tokens + 1]
-    except (OSError, ValueError):
-        pass
-    return [b % vocab_size for b in text.encode()][: n_tokens + 1]
-
-
-def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, dtype: str, group_size: int = 128, *,
-                        eval_text: str | None = None, eval_tokens: int = 512) -> dict:
-    """Load `src`, measure perplexity, quantize, measure again, write `out`. Returns the report."""
-    from .checkpoint import load_model
-
-    if dtype not in QUANT_DTYPES:
-        raise QuantizeError(f"quantization dtype must be one of {QUANT_DTYPES}, got {dtype!r}")
-    if dtype == "int4" and group_size not in GROUP_SIZES:
-        raise QuantizeError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise QuantizeError(f"{out} exists and is not empty")
-    model = load_model(src, dtype=torch.bfloat16).eval()
-    ids = eval_ids(src, model.args.vocab_size, eval_text or default_eval_text(), eval_tokens)
-    before = perplexity(model, ids) if eval_tokens > 0 else None
-    quantize_model(model, dtype, group_size)
-    after = perplexity(model, ids) if eval_tokens > 0 else None
-    report = {"dtype": dtype, "group_size": group_size if dtype == "int4" else None, "eval_tokens": len(ids) - 1,
-              "ppl_bf16": before, "ppl_quantized": after,
-              "ppl_change_pct": None if before is None else 100 * (after - before) / before,
-              "weight_bytes_per_token": weight_bytes_per_token(model)}
-    save_quantized(model, out, source=str(src), tokenizer_from=src, report=report)
-    return report

@@ -15,7 +15,7 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import tiktoken
@@ -31,6 +31,10 @@ NUM_SPECIAL_TOKENS = 256
 MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 MAX_FILE_BYTES = 256 << 20  # a tokenizer file larger than this is not a tokenizer file
+# The files a checkpoint folder's tokenizer is read from, in this order (tiktoken ranks; an HF download's Meta
+# copy; HF tokenizers' JSON), and the ones copied beside weights that herd writes from such a folder.
+TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")
+TOKENIZER_COPY_FILES = (*TOKENIZER_FILES, "tokenizer_config.json")
 
 # Llama 3.1 names (llama-models at the 3.1 release): offsets from the first special id. The rest are reserved.
 _NAMED_SPECIALS = {
@@ -442,40 +446,44 @@ def default_tokenizer_path() -> Path:
 
 
 def resolve_tokenizer_path(path: str | os.PathLike | None) -> Path:
-    """None -> the llama-models vocabulary; a folder -> tokenizer.model, original/tokenizer.model or tokenizer.json;
-    a file -> that file (tiktoken ranks, tokenizer.json, or a .gguf model's vocabulary)."""
+    """None -> the llama-models vocabulary; a folder -> its first TOKENIZER_FILES entry; a file -> that file
+    (tiktoken ranks or tokenizer.json; a .gguf model's vocabulary is read by herd.loading.load_tokenizer)."""
     if path is None:
         return default_tokenizer_path()
     p = Path(path)
     if p.is_dir():
-        for name in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json"):
+        for name in TOKENIZER_FILES:
             if (p / name).is_file():
                 return p / name
-        raise FileNotFoundError(f"{p}: no tokenizer.model, original/tokenizer.model or tokenizer.json in this folder")
+        raise FileNotFoundError(f"{p}: no {', '.join(TOKENIZER_FILES)} in this folder")
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such tokenizer file or folder")
     return p
 
 
-def load_tokenizer(path: str | os.PathLike | None = None, *, n_words: int | None = None) -> Tokenizer:
-    """Load a tokenizer file (format sniffed from its first byte); `n_words` checks the id space against a model."""
+def load_tokenizer(path: str | os.PathLike | None = None, *, n_words: int | None = None,
+                   readers: tuple[tuple[bytes, Callable[[Path], Tokenizer]], ...] = ()) -> Tokenizer:
+    """Load a tokenizer file (format sniffed from its first bytes); `n_words` checks the id space against a model.
+
+    `readers`: (magic prefix, reader) pairs for vocabularies inside other files (herd.loading adds GGUF's)."""
     p = resolve_tokenizer_path(path).resolve()
     st = p.stat()
-    tok = _load_cached(str(p), st.st_mtime_ns, st.st_size)
+    tok = _load_cached(str(p), st.st_mtime_ns, st.st_size, readers)
     if n_words is not None and tok.n_words != n_words:
         raise TokenizerError(f"{p}: tokenizer has {tok.n_words} ids but the model expects {n_words}")
     return tok
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(path: str, mtime_ns: int, size: int) -> Tokenizer:
+def _load_cached(path: str, mtime_ns: int, size: int, readers: tuple) -> Tokenizer:
     p = Path(path)
     with open(p, "rb") as f:
         head = f.read(64).lstrip()
-    if head.startswith(b"GGUF"):  # the vocabulary inside a GGUF model file
-        from .gguf_vocab import read_gguf_tokenizer
-
-        return read_gguf_tokenizer(p)
+    for magic, read in readers:
+        if head.startswith(magic):
+            return read(p)
+    if head.startswith(b"GGUF"):
+        raise TokenizerError(f"{p}: a GGUF model file; its vocabulary is read by herd.loading.load_tokenizer")
     if head.startswith(b"{"):
         ranks, names = read_hf_tokenizer_json(p)
         return Tokenizer(ranks, names, name=p.parent.name or p.name)

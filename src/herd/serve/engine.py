@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import ContextLengthError, SamplingParams, StopStrings, apply_penalties, sample
+from ..generate import ContextLengthError, StopStrings
+from ..sampling import SamplingParams, apply_penalties, chosen_logprobs, sample
 from ..model import KVCache
 from ..tokenizer import IncrementalDecoder
 
@@ -463,15 +464,14 @@ class BatchEngine:
         want_lp = [i for i, s in enumerate(seqs) if s.req.logprobs or s.req.top_logprobs]
         lps: dict[int, tuple[float, dict | None]] = {}
         if want_lp:
-            logp = torch.log_softmax(logits[want_lp].float(), dim=-1)
-            chosen = logp.gather(1, nxt[want_lp].to(logp.device)[:, None])[:, 0].tolist()
+            k_max = max(seqs[i].req.top_logprobs for i in want_lp)
+            chosen, tops = chosen_logprobs(logits[want_lp], nxt[want_lp], k_max)
+            chosen = chosen.tolist()
+            if tops is not None:
+                top_ids, top_lps = tops.indices.tolist(), tops.values.tolist()
             for j, i in enumerate(want_lp):
                 k = seqs[i].req.top_logprobs
-                top = None
-                if k:
-                    tv, ti = torch.topk(logp[j], k)
-                    top = dict(zip(ti.tolist(), tv.tolist()))
-                lps[i] = (chosen[j], top)
+                lps[i] = (chosen[j], dict(zip(top_ids[j][:k], top_lps[j][:k])) if k else None)
         now = time.perf_counter()
         for i, (s, tok) in enumerate(zip(seqs, nxt.tolist())):
             lp, top = lps.get(i, (None, None))

@@ -18,7 +18,7 @@ from pydantic import Field
 from starlette.responses import JSONResponse
 
 from .. import __version__
-from ..generate import GenerationError, SamplingParams
+from ..sampling import GenerationError, SamplingParams
 from .common import (
     APIError, ChatAssembler, SafeRoute, ServeContext, StreamResponse, StrictModel, check_model, collect, encode_chat,
     merged,

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field, StringConstraints
 from starlette.responses import JSONResponse
 
-from ..generate import GenerationError, SamplingParams
+from ..sampling import GenerationError, SamplingParams
 from .common import (
     APIError, ChatAssembler, SafeRoute, ServeContext, StreamResponse, StrictModel, check_model, collect, encode_chat,
     merged,
