@@ -33,7 +33,8 @@ import torch
 from herd.bench import LLAMA_CPP_TYPES, llama_cpp_pairs, measure_bandwidth  # noqa: E402
 from herd.checkpoint import meta_to_hf  # noqa: E402
 from herd.config import get_config, kv_cache_bytes_per_token  # noqa: E402
-from herd.generate import Engine, compile_step, decode_one  # noqa: E402
+from herd.engine import Engine, GenRequest, decode_one, run_stats  # noqa: E402
+from herd.generate import compile_step  # noqa: E402
 from herd.kernels import cpu_kernels, restore_linears, use_cpu_kernels  # noqa: E402
 from herd.loading import load_model  # noqa: E402
 from herd.model import Transformer  # noqa: E402
@@ -79,15 +80,40 @@ def _wait_quiet() -> None:
         time.sleep(2)
 
 
+class _NoText:
+    """The engine's tokenizer here: no stop tokens, no text (only token ids and timings are measured)."""
+
+    stop_tokens = ()
+    special_tokens: dict = {}
+    n_words = 0
+
+    def token_bytes(self, i):
+        return b""
+
+    def is_special(self, i):
+        return False
+
+
+def make_engine(model, **kw) -> Engine:
+    """herd's engine (the one `herd generate` and `herd serve` run), prefix cache off: every repeat recomputes its
+    prompt, as a new prompt would."""
+    return Engine(model, _NoText(), max_batch=1, prefix_cache=False, **kw)
+
+
+def generate(engine: Engine, prompt: list[int], new: int) -> dict:
+    seq = engine.add(GenRequest(list(prompt), new, GREEDY, stop_token_ids=[]))
+    while seq.finished is None:
+        engine.step()
+    return run_stats([seq])
+
+
 def herd_decode(model, prompt: list[int], new: int, repeats: int, engine: Engine | None = None) -> dict:
     """Best decode tok/s (tokens after the first / decode time) and prefill tok/s of greedy generation."""
-    engine = engine or Engine(model)
+    engine = engine or make_engine(model)
     best = None
     for _ in range(repeats):
         _wait_quiet()
-        for _ in engine.generate([prompt], GREEDY, max_new_tokens=new):
-            pass
-        s = engine.last_stats
+        s = generate(engine, prompt, new)
         if best is None or s["decode_tok_s"] > best["decode_tok_s"]:
             best = s
     return best
@@ -96,36 +122,35 @@ def herd_decode(model, prompt: list[int], new: int, repeats: int, engine: Engine
 def compiled_engine(model, prompt: list[int], cudagraphs: bool | str = True) -> tuple[Engine, float]:
     """An engine whose decode step goes through torch.compile; -> (engine, seconds its first call took to compile).
     cudagraphs (CUDA): True = herd's CudaGraphStep, False = none, "torch" = torch.compile's mode="reduce-overhead"."""
-    engine = Engine(model, compile=True, cudagraphs=cudagraphs is True)
+    engine = make_engine(model, compile=True, cudagraphs=cudagraphs is True)
     if cudagraphs == "torch":
         engine._decode = compile_step(decode_one, model, torch_cudagraphs=True)
     t0 = time.perf_counter()
-    for _ in engine.generate([prompt], GREEDY, max_new_tokens=3):
-        pass
+    generate(engine, prompt, 3)
     return engine, time.perf_counter() - t0
 
 
 @torch.inference_mode()
 def step_alone(engine: Engine, prompt_len: int, new: int, n: int = 64) -> float:
     """Steps/s of the (compiled) decode step called back to back with no host sync: the engine loop's ceiling."""
-    model = engine.model
-    kv_len = engine._cache(1, prompt_len + new)
-    tok = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
-    pos = torch.full((1, 1), prompt_len, device=engine.device)
+    model, dev = engine.model, engine.device
+    n_blocks = min(engine.max_blocks, engine.pool.usable)
+    table = torch.zeros(1, engine.max_blocks, dtype=torch.int32)
+    table[0, :n_blocks] = torch.arange(1, n_blocks + 1)
+    args = (torch.zeros(1, 1, dtype=torch.long, device=dev), torch.full((1, 1), prompt_len, device=dev),
+            table.to(dev), torch.tensor([prompt_len + 1], dtype=torch.int32, device=dev))
     for _ in range(3):
-        engine._decode(model, tok, pos, kv_len)
-    return n / _timed(lambda: [engine._decode(model, tok, pos, kv_len) for _ in range(n)])
+        engine._decode(model, *args)
+    return n / _timed(lambda: [engine._decode(model, *args) for _ in range(n)])
 
 
 def herd_prefill(model, prompt: list[int], repeats: int, engine: Engine | None = None) -> float:
     """Best prefill tok/s (time to the first token) of a long prompt."""
-    engine = engine or Engine(model)
+    engine = engine or make_engine(model)
     best = 0.0
     for _ in range(repeats):
         _wait_quiet()
-        for _ in engine.generate([prompt], GREEDY, max_new_tokens=1):
-            pass
-        best = max(best, engine.last_stats["prefill_tok_s"])
+        best = max(best, generate(engine, prompt, 1)["prefill_tok_s"])
     return best
 
 
@@ -332,7 +357,7 @@ def main(argv=None) -> int:
     hf = None if a.no_hf else hf_model_from(base)
     # herd and transformers alternate, one run each per round, so a slower stretch of a shared machine hits both
     herd = t = None
-    engine = Engine(base)
+    engine = make_engine(base)
     for _ in range(a.repeats):
         h = herd_decode(base, prompt, a.new, 1, engine=engine)
         herd = h if herd is None or h["decode_tok_s"] > herd["decode_tok_s"] else herd
@@ -393,10 +418,6 @@ def main(argv=None) -> int:
                 m.clear_caches()
             add(f"herd bf16 compiled, {label}", s["decode_tok_s"], bf16_bytes, f"(compile {compile_s:.0f} s)")
             if not on_cpu:  # where the rest of the time goes: the host loop around the step, or the step itself
-                engine.overlap = False
-                s = herd_decode(m, prompt, a.new, a.repeats, engine=engine)
-                add(f"herd bf16 compiled, {label}, steps not overlapped", s["decode_tok_s"], bf16_bytes,
-                    shown="  same, steps not overlapped")
                 add(f"herd bf16 compiled, {label}, step alone (no host sync)", step_alone(engine, a.prompt, a.new),
                     bf16_bytes, shown="  same, step alone (no host sync)")
                 m.clear_caches()
@@ -423,7 +444,7 @@ def main(argv=None) -> int:
                     best[dtype] = max(best[dtype], herd_decode(models[dtype], prompt, a.new, 1, engine=eng)["decode_tok_s"])
             return best
 
-        q_rates = alternate({dtype: Engine(m) for dtype, m in models.items()})
+        q_rates = alternate({dtype: make_engine(m) for dtype, m in models.items()})
         for dtype in models:
             add(f"herd {dtype} eager{kern}", q_rates[dtype], nbytes[dtype])
         c_rates = {}

@@ -87,6 +87,24 @@ def tiny_model(name: str = "tiny", dtype=None, *, seed: int | None = None, std: 
     return model.eval()
 
 
+def greedy_ids(model, prompts, max_tokens: int, **engine_kw) -> list[list[int]]:
+    """Greedy token ids of each prompt from herd's engine (all prompts batched together, no stop tokens), with a
+    byte-level tokenizer of 512 ids (the tiny configs' vocabulary)."""
+    from herd.engine import Engine, GenRequest
+    from herd.sampling import SamplingParams
+    from herd.tokenizer import Tokenizer
+
+    engine = Engine(model, Tokenizer({bytes([b]): b for b in range(256)}), **engine_kw)
+    seqs = [engine.add(GenRequest(list(p), max_tokens, SamplingParams(temperature=0), stop_token_ids=[]))
+            for p in prompts]
+    rows = {s.id: [] for s in seqs}
+    while engine.has_work:
+        for s, ev in engine.step():
+            if ev.token is not None:
+                rows[s.id].append(ev.token)
+    return [rows[s.id] for s in seqs]
+
+
 def make_llm(seed: int = 0, model_cls=None, **shape):
     """An fp32 LLM (herd.api) with random weights in the tiny-llama3-vocab shape and the real Llama 3 tokenizer
     (fields in `shape` override the config). The same seed gives the same weights, so one instance can serve while

@@ -114,18 +114,19 @@ def gated_steps(engine, allow: int = 0):
 class ScriptedModel(Transformer):
     """A Transformer whose reply is forced: the k-th generated token is script[k] (all else as usual).
 
-    The reply starts right after the last prefilled prompt token (the last forward with more than one token), so
-    the test does not need the prompt's length. One request at a time."""
+    The reply starts right after the last prefilled prompt token (the last forward that picks its logits with
+    logits_idx: the engine's prefill; with the prefix cache it may be a single token), so the test does not need
+    the prompt's length. One request at a time."""
 
     script: list[int] = []
     start: int | None = None
 
-    def forward(self, tokens, input_pos=None, mask=None, kv_len=None, logits_idx=None):
-        logits = super().forward(tokens, input_pos, mask, kv_len, logits_idx)
+    def forward(self, tokens, input_pos=None, mask=None, kv_len=None, logits_idx=None, pages=None):
+        logits = super().forward(tokens, input_pos, mask, kv_len, logits_idx, pages)
         pos = input_pos if input_pos.dim() == 2 else input_pos[None].expand(tokens.shape[0], -1)
         if logits_idx is not None:
             pos = pos.gather(1, logits_idx)
-        if tokens.shape[1] > 1:  # a prefill: the reply starts after its last token
+        if logits_idx is not None:  # a prefill: the reply starts after its last token
             self.start = int(pos[0, -1]) + 1
         for b in range(pos.shape[0]):
             for t in range(pos.shape[1]):

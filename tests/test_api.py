@@ -10,7 +10,8 @@ from herd.api import LLM, Completion, TextStream, load, random_llm
 from herd.cli_chat import repl
 from herd.cli import main
 from herd.config import get_config
-from herd.generate import ContextLengthError, GenerationError
+from herd.engine import ContextLengthError
+from herd.sampling import GenerationError
 from herd.model import Transformer
 from herd.tokenizer import Tokenizer, load_tokenizer
 
@@ -134,7 +135,7 @@ def test_cli_generate_chat(tiny_ckpt, capsys):
 
 @pytest.mark.parametrize("extra, match", [
     (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
-    (["--max-new-tokens", "200000"], "exceeds the context limit"),
+    (["--max-new-tokens", "200000"], "exceed the context limit"),
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--temperature", "-0.1"], "temperature must be >= 0"),
     (["--system", "x"], "--system needs --chat"),
@@ -227,5 +228,5 @@ def test_repl_reports_context_overflow_and_continues(tiny_ckpt):
     small = load(tiny_ckpt, dtype="fp32", device="cpu", max_seq_len=40)
     rec, out, err = Recorder(small), io.StringIO(), io.StringIO()
     assert repl(rec, input_fn=script(["x" * 60, "ok"]), out=out, err=err, max_new_tokens=4, temperature=0) == 0
-    assert "exceeds the context limit" in err.getvalue()
+    assert "83 tokens, which exceeds the context limit of 40" in err.getvalue()
     assert [m["content"] for m in rec.calls[1]] == ["ok"]  # the failed turn was dropped

@@ -201,3 +201,40 @@ def test_decode_rows_gpu_names_and_llama_cpp():
         ("bf16 eager vs llama.cpp", "llama.cpp BF16"), ("int8 compiled vs llama.cpp", "llama.cpp Q8_0")]
     assert [r.ratio for r in rows] == [1.25, 0.6, None, 2.0, 2.0]
     assert rows[4].limit == "18.0% of memory roofline (llama.cpp 9.0%)"
+
+
+def test_free_port_is_below_the_ephemeral_range_and_free():
+    import socket
+    from pathlib import Path
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(20):
+        port = bench._free_port()
+        assert 10000 <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_serve_stage_retries_a_taken_port_and_keeps_the_childs_error(tmp_path):
+    """The fake server script fails like benchmarks/serve.py does when its port was taken between the pick and its
+    bind; run_stage runs it again on another port. A server that never starts shows its own error."""
+    _script(tmp_path / "serve.py", """
+        import json, sys
+        from pathlib import Path
+        port = sys.argv[sys.argv.index("--port") + 1]
+        seen = Path(__file__).with_name("ports.txt")
+        seen.write_text(seen.read_text() + port + "\\n" if seen.exists() else port + "\\n")
+        if len(seen.read_text().split()) < 2 or "never" in sys.argv:
+            sys.exit("OSError: [Errno 98] Address already in use; the server did not start")
+        json.dump({"levels": []}, open(sys.argv[sys.argv.index("--json") + 1], "w"))
+    """)
+    lines = []
+    res = bench.run_stage("serve", ["--port", "23456"], tmp_path, log=lines.append)
+    ports = (tmp_path / "ports.txt").read_text().split()
+    assert res.ok and len(ports) == 2 and ports[0] == "23456" and ports[1] != ports[0]
+    assert any("retrying on" in ln for ln in lines)
+    (tmp_path / "ports.txt").unlink()
+    res = bench.run_stage("serve", ["--port", "23456", "never"], tmp_path)
+    assert not res.ok and len((tmp_path / "ports.txt").read_text().split()) == bench.PORT_RETRIES
+    assert res.error == "exit code 1: OSError: [Errno 98] Address already in use; the server did not start"
+    assert res.tail[0].startswith("the server could not start on port 23456, ")

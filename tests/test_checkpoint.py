@@ -372,3 +372,49 @@ def test_loading_is_lazy_memory_mapped(tmp_path):
         loaded = load_model(tmp_path / d)
         # torch and safetensors expose mmap-backed storages as non-resizable views of the file mapping
         assert not loaded.layers[0].feed_forward.w1.weight.untyped_storage().resizable(), d
+
+
+# ---- sizes and nesting from untrusted files ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-tied", "llama-3.2-1b", "llama-3.1-8b", "llama-3.1-405b"])
+def test_expected_shapes_equal_a_real_transformer(name):
+    from herd.model import Transformer
+
+    args = get_config(name)
+    with torch.device("meta"):
+        model = Transformer(args)
+    want = [(k, tuple(v.shape)) for k, v in model.state_dict(keep_vars=True).items()]
+    assert list(ck.expected_shapes(args).items()) == want  # keys, order and shapes
+
+
+def test_checking_a_checkpoint_never_builds_the_model(monkeypatch):
+    import herd.model
+
+    def refuse(*a, **kw):
+        raise AssertionError("check_state_dict built a Transformer")
+
+    sd = state(random_model())
+    monkeypatch.setattr(herd.model.Transformer, "__init__", refuse)
+    ck.check_state_dict(sd, get_config("tiny"))
+    args = get_config("tiny").replace(n_layers=1024)  # the largest depth allowed, against a 2-layer state dict
+    with pytest.raises(ck.CheckpointError, match="missing tensor 'layers.2"):
+        ck.check_state_dict(sd, args)
+
+
+def test_hf_folder_claiming_a_billion_layers_is_refused_before_reading(hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1_000_000_000}))
+    with pytest.raises(ck.ConfigError, match="n_layers 1000000000 is over"):
+        load_model(hf_dir)
+    assert main(["info", str(hf_dir)]) == 2
+
+
+def test_deeply_nested_index_is_a_located_error(hf_dir):
+    path = hf_dir / "model.safetensors.index.json"
+    path.write_text('{"metadata": {},\n "weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ck.CheckpointError, match=r"index\.json:2: too deeply nested"):
+        load_model(hf_dir)
+    path.write_text('{"weight_map": {"model.norm.weight": ' + "1" * 5000 + "}}")
+    with pytest.raises(ck.CheckpointError, match="digits"):
+        load_model(hf_dir)

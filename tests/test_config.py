@@ -146,3 +146,88 @@ def test_commands_refuse_an_unknown_dtype(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "x", "--dtype", "fp8"])
     assert "unknown dtype 'fp8'" in capsys.readouterr().err
+
+
+# ---- sizes from untrusted configs: bounded before anything is built --------------------------------------------
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"n_layers": 10**9}, "n_layers 1000000000 is over"),
+    ({"n_layers": 1025}, "n_layers 1025 is over"),
+    ({"dim": 1 << 17, "n_heads": 1 << 10}, "dim 131072 is over"),
+    ({"n_heads": 2048, "dim": 4096}, "n_heads 2048 is over"),
+    ({"dim": 4096, "n_heads": 2}, "head_dim 2048 is over"),
+    ({"vocab_size": (1 << 20) + 1}, "vocab_size"),
+    ({"max_seq_len": 1 << 30}, "max_seq_len"),
+    ({"rope_original_max_seq_len": 1 << 30}, "rope_original_max_seq_len"),
+    ({"rope_original_max_seq_len": 0}, "rope_original_max_seq_len"),
+    ({"multiple_of": 1 << 21}, "multiple_of"),
+    ({"ffn_dim_multiplier": 999.0, "dim": 65536, "n_heads": 512}, "feed-forward size"),
+    ({"norm_eps": 2.0}, "norm_eps"),
+    ({"rope_theta": 1e300}, "rope_theta"),
+    ({"rope_scale_factor": 1e6}, "rope_scale_factor"),
+    ({"rope_low_freq_factor": float("inf")}, "rope_low_freq_factor"),
+    ({"rope_high_freq_factor": 5000.0}, "rope_high_freq_factor"),
+    ({"use_scaled_rope": "yes"}, "use_scaled_rope"),
+    ({"tie_embeddings": 1}, "tie_embeddings"),
+])
+def test_sizes_are_bounded(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelArgs(**{"dim": 64, "n_layers": 1, "n_heads": 4, **bad})
+
+
+def test_the_largest_published_model_is_well_inside_the_limits():
+    from herd.config import LIMITS
+
+    big = get_config("llama-3.1-405b")
+    assert big.n_layers * 8 <= LIMITS["n_layers"] and big.dim * 4 <= LIMITS["dim"]
+    assert big.vocab_size * 8 <= LIMITS["vocab_size"] and big.max_seq_len * 128 <= LIMITS["max_seq_len"]
+    assert big.ffn_hidden_dim * 16 <= LIMITS["ffn_hidden_dim"] and big.head_dim * 8 <= LIMITS["head_dim"]
+
+
+@pytest.mark.parametrize("field, value", [("num_hidden_layers", 1_000_000_000), ("hidden_size", 10**12),
+                                          ("vocab_size", 2**40), ("max_position_embeddings", 2**62),
+                                          ("num_hidden_layers", "9" * 5000)])
+def test_hf_config_with_huge_sizes_is_refused_at_once(tmp_path, field, value):
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps({**get_config("tiny").to_hf(), field: value}))
+    with pytest.raises(ConfigError):
+        load_params(f)
+
+
+# ---- JSON that herd did not write -------------------------------------------------------------------------------
+
+
+def test_parse_json_limits():
+    from herd.config import JSONError, parse_json
+
+    assert parse_json('{"a": [1, "[[[[[[", {"b": 2.5}]}') == {"a": [1, "[[[[[[", {"b": 2.5}]}
+    assert parse_json("[" * 64 + "]" * 64) is not None  # exactly the limit
+    assert parse_json('["' + "[" * 1000 + '"]') == ["[" * 1000]  # brackets in strings do not nest
+    assert parse_json('"' + "9" * 500 + '"') == "9" * 500  # digits in strings are text
+    for text, reason in [("[" * 100_000 + "]" * 100_000, "too deeply nested"), ("[" * 65 + "]" * 65, "too deeply"),
+                         ('{"a":\n' * 70 + "1" + "}" * 70, "too deeply nested"),
+                         ("[" + "1" * 5000 + "]", "more than 100 digits"), ("[1e999]", "out of range"),
+                         ("[NaN]", "NaN"), ("[-Infinity]", "Infinity"), ("{bad", "invalid JSON")]:
+        with pytest.raises(JSONError, match=reason):
+            parse_json(text)
+    with pytest.raises(JSONError) as e:
+        parse_json('{\n"a":\n' + "[" * 80 + "]" * 80 + "}")
+    assert e.value.line == 3
+
+
+def test_json_files_give_path_line_errors(tmp_path):
+    from herd.config import JSONError, read_json
+
+    f = tmp_path / "params.json"
+    f.write_text('{\n  "dim": 64,\n  "x": ' + "[" * 200_000 + "]" * 200_000 + "\n}")
+    with pytest.raises(JSONError, match=rf"^{f}:3: too deeply nested"):
+        read_json(f)
+    with pytest.raises(ConfigError, match=rf"{f}:3: too deeply nested"):
+        load_params(f)
+    f.write_text("{}")
+    with pytest.raises(JSONError, match="over the limit"):
+        read_json(f, max_bytes=1)
+    f.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(JSONError, match="invalid UTF-8"):
+        read_json(f)

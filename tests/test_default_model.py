@@ -54,3 +54,42 @@ def test_commands_default_to_it(capsys):
     out = capsys.readouterr()
     assert "using herd's bundled default model" in out.err
     assert len(json.loads(out.out.strip().splitlines()[-1])) == 8
+
+
+# ---- a model that writes and chats, and commands whose defaults mean something (issue 21) ----------------------
+
+
+def test_plain_generate_continues_prose(capsys):
+    """The README's `herd generate --prompt "Once upon a time"`: the chat stage kept the model writing text."""
+    assert main(["generate", "--prompt", "Once upon a time", "--max-new-tokens", "48", "--temperature", "0"]) == 0
+    text = capsys.readouterr().out
+    words = [w for w in text.split() if any(c.isalpha() for c in w)]
+    assert len(words) >= 8, text  # a sentence, not "!"
+
+
+def test_card_records_the_training_window_and_the_measured_mix():
+    card = dm.card()
+    assert card["train_seq_len"] == card["val_window"] == 512
+    # the chat stage kept prose (within 10% of the pretrained model's held-out perplexity, measured alike)
+    assert card["val_ppl"] <= 1.10 * card["pretrain_macbeth_ppl"]
+    assert card["chat_val_ppl"] <= 57.3  # held-out dialog replies: no worse than the chat-only stage
+
+
+def test_eval_perplexity_defaults_to_the_bundled_model_and_its_window(tmp_path, capsys):
+    f = tmp_path / "macbeth.txt"
+    f.write_text(dm.validation_text()[:6000], encoding="utf-8")
+    assert main(["eval", "perplexity", "--file", str(f), "--json"]) == 0
+    out = capsys.readouterr()
+    assert "using herd's bundled default model" in out.err
+    r = json.loads(out.out)
+    assert r["window"] == 512 and r["stride"] == 256 and 1 < r["perplexity"] < 1000
+
+
+def test_quantize_reports_on_the_held_out_plays(tmp_path, capsys):
+    assert main(["quantize", str(dm.DEFAULT_DIR), str(tmp_path / "q8"), "--dtype", "int8",
+                 "--eval-tokens", "256"]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out.strip().splitlines()[-1])
+    assert "held-out Macbeth" in report["eval_text"] and "held-out Macbeth" in out.err
+    assert report["ppl_bf16"] < 1000 and abs(report["ppl_change_pct"]) < 5
+    assert (tmp_path / "q8" / "tokenizer.model").is_file()

@@ -333,3 +333,32 @@ def test_cli_gguf_errors(tmp_path, capsys):
     assert main(["info", str(tmp_path / "bad.gguf")]) == 2
     err = capsys.readouterr().err
     assert "more than the file holds" in err and "Traceback" not in err
+
+
+def _f32(key, v):
+    return _kv(key, 6, struct.pack("<f", v))
+
+
+def _llama_header(**changes) -> bytes:
+    """A llama GGUF whose header claims the sizes in `changes` (u32) over one small token_embd tensor."""
+    sizes = {"embedding_length": 64, "attention.head_count": 4, "block_count": 2, "feed_forward_length": 128,
+             **changes}
+    kvs = [ARCH, _f32("llama.attention.layer_norm_rms_epsilon", 1e-5)]
+    kvs += [_u32(f"llama.{k}", v) for k, v in sizes.items()]
+    return _build(kvs, [("token_embd.weight", [64, 8], 0, 0)], b"\0" * (64 * 8 * 4))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"block_count": 10**9}, "n_layers 1000000000 is over"),
+    ({"block_count": 4_000_000_000}, "n_layers"),
+    ({"embedding_length": 2**31, "attention.head_count": 2**20}, "dim 2147483648 is over"),
+    ({"context_length": 2**31}, "max_seq_len"),
+    ({"vocab_size": 2**30}, "vocab_size"),
+    ({"feed_forward_length": 2**30}, "multiple_of"),
+])
+def test_header_sizes_are_bounded_before_anything_is_built(tmp_path, changes, message):
+    p = tmp_path / "big.gguf"
+    p.write_bytes(_llama_header(**changes))
+    for read in (hg.read_gguf_config, hg.read_gguf):
+        with pytest.raises(hg.GGUFError, match=message):
+            read(p)

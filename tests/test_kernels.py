@@ -6,14 +6,16 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import greedy_ids
 from conftest import tiny_model as _tiny_model
 
-from herd.generate import Engine
-from herd.kernels import Bf16Linear, cpu_kernels, decode_sdpa, pack_int4, restore_linears, unpack_int4, use_cpu_kernels
+from herd.kernels import (
+    Bf16Linear, cpu_kernels, decode_sdpa, pack_int4, paged_decode_attention, paged_decode_reference, restore_linears,
+    unpack_int4, use_cpu_kernels,
+)
 from herd.quantize import (
     Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, quantize_model,
 )
-from herd.sampling import SamplingParams
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels(), reason="herd CPU kernels unavailable (no AVX-512 BF16 or compiler)")
 
@@ -150,20 +152,11 @@ def test_cpu_kernels_in_the_engine(quant):
         quantize_model(model, quant)
     prompts = [[5, 17, 300, 42, 9], [7, 8]]
 
-    def greedy(engine):
-        rows = [[] for _ in prompts]
-        for step in engine.generate(prompts, SamplingParams(temperature=0), max_new_tokens=20):
-            for i, t in enumerate(step.tokens):
-                if t is not None:
-                    rows[i].append(t)
-        return rows
-
-    ref = greedy(Engine(model))
+    ref = greedy_ids(model, prompts, 20)
     use_cpu_kernels(model)
     assert all(vars(layer.attention)["sdpa"] is decode_sdpa for layer in model.layers)
-    assert greedy(Engine(model)) == ref
-    model.clear_caches()
-    assert greedy(Engine(model, compile=True, min_kv_bucket=32)) == ref
+    assert greedy_ids(model, prompts, 20) == ref
+    assert greedy_ids(model, prompts, 20, compile=True) == ref
     restore_linears(model)
     assert "sdpa" not in vars(model.layers[0].attention)
 
@@ -181,3 +174,163 @@ def test_use_cpu_kernels_keeps_weights_and_ties():
         assert torch.allclose(model(tokens), ref, atol=0.05, rtol=0.02)
     restore_linears(model)
     assert isinstance(model.output, torch.nn.Linear) and model.output.weight is model.tok_embeddings.weight
+
+
+# ---- decode attention over a paged KV cache -------------------------------------------------------------------
+
+
+def paged_case(lens, heads, kv_heads, head_dim, bs, dtype, seed):
+    """A pool whose blocks are dealt to the rows in shuffled order, 3 blocks listed by no row, 2 spare table columns
+    per row holding -1: (q, k_pool, v_pool, block_table, seq_lens, unlisted block ids)."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // bs) for n in lens]
+    nb = sum(need) + 3
+    ids = torch.randperm(nb, generator=g).int()
+    table = torch.full((len(lens), max(need) + 2), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(need):
+        table[b, :n] = ids[used:used + n]
+        used += n
+    q = torch.randn(len(lens), heads, 1, head_dim, generator=g).to(dtype)
+    k_pool, v_pool = (torch.randn(nb, kv_heads, bs, head_dim, generator=g).to(dtype) for _ in range(2))
+    return q, k_pool, v_pool, table, torch.tensor(lens, dtype=torch.int32), ids[used:].long()
+
+
+def paged_oracle(q, k_pool, v_pool, table, lens):
+    """Each row's positions read one by one into a contiguous cache, SDPA over it in fp32 (no slots: zeros)."""
+    bs = k_pool.shape[2]
+    out = torch.zeros(q.shape)
+    for b, n in enumerate(lens.tolist()):
+        if n:
+            pos = torch.arange(n)
+            blocks = table[b].long()[pos // bs]
+            k, v = (pool[blocks, :, pos % bs].transpose(0, 1)[None].float() for pool in (k_pool, v_pool))
+            out[b] = F.scaled_dot_product_attention(q[b:b + 1].float(), k, v, enable_gqa=True)[0]
+    return out
+
+
+def poison_unused(k_pool, v_pool, table, lens, unlisted):
+    """NaN / inf in every slot no row may read: past each row's length in its last block, blocks listed by no row;
+    garbage in the table entries past each row's last block."""
+    bs = k_pool.shape[2]
+    for b, n in enumerate(lens.tolist()):
+        if n % bs:
+            k_pool[table[b, n // bs], :, n % bs:] = float("nan")
+            v_pool[table[b, n // bs], :, n % bs:] = float("inf")
+        table[b, -(-n // bs):] = 10**9 if b % 2 else -5
+    k_pool[unlisted] = float("nan")
+    v_pool[unlisted] = float("-inf")
+
+
+def paged_lens(bs):
+    return [0, 1, 2 * bs + bs // 2 + 1, 3 * bs, 37]  # empty, one token, a partial last block, full blocks, other
+
+
+PAGED_FORMS = [(torch.bfloat16, 64, 2e-2), (torch.bfloat16, 128, 2e-2), (torch.bfloat16, 32, 2e-2),
+               (torch.float32, 32, 1e-5), (torch.float32, 64, 1e-5), (torch.float32, 128, 1e-5)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("bs", [1, 16, 64])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (8, 2), (16, 1)])
+@pytest.mark.parametrize("dtype, head_dim, tol", PAGED_FORMS)
+def test_paged_decode_attention_matches_sdpa(dtype, head_dim, tol, heads, kv_heads, bs):
+    case = paged_case(paged_lens(bs), heads, kv_heads, head_dim, bs, dtype, seed=heads * head_dim + bs)
+    q, k_pool, v_pool, table, lens, unlisted = case
+    got = torch.ops.herd.paged_decode_attention(q, k_pool, v_pool, table, lens)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert (got.float() - paged_oracle(q, k_pool, v_pool, table, lens)).abs().max() <= tol
+    assert torch.equal(got[0], torch.zeros_like(got[0]))  # seq_len 0: zeros
+    poison_unused(k_pool, v_pool, table, lens, unlisted)
+    assert torch.equal(torch.ops.herd.paged_decode_attention(q, k_pool, v_pool, table, lens), got)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_paged_decode_attention_equals_decode_attention(dtype):
+    """The paged op and the contiguous one share their kernel bodies: the same cache in either layout, same bits."""
+    lens = [40, 64, 17]
+    q, k_pool, v_pool, table, lens_t, _ = paged_case(lens, 32, 8, 64, 16, dtype, seed=1)
+    k, v = (torch.zeros(3, 8, 64, 64, dtype=dtype) for _ in range(2))
+    for b, n in enumerate(lens):
+        pos = torch.arange(n)
+        k[b, :, :n] = k_pool[table[b].long()[pos // 16], :, pos % 16].transpose(0, 1)
+        v[b, :, :n] = v_pool[table[b].long()[pos // 16], :, pos % 16].transpose(0, 1)
+    mask = torch.arange(64)[None, None, None, :] < lens_t[:, None, None, None]
+    assert torch.equal(torch.ops.herd.paged_decode_attention(q, k_pool, v_pool, table, lens_t),
+                       torch.ops.herd.decode_attention(q, k, v, mask))
+
+
+@needs_kernels
+def test_paged_decode_attention_rejects_bad_inputs():
+    q, k_pool, v_pool, table, lens, _ = paged_case([5, 20], 8, 2, 64, 16, torch.bfloat16, seed=2)
+    op = torch.ops.herd.paged_decode_attention
+    bad = table.clone()
+    bad[1, 1] = k_pool.shape[0]  # a needed entry past the pool
+    with pytest.raises(RuntimeError, match=r"block_table\[1, 1\]"):
+        op(q, k_pool, v_pool, bad, lens)
+    bad[1, 1] = -1
+    with pytest.raises(RuntimeError, match="block id"):
+        op(q, k_pool, v_pool, bad, lens)
+    for n in (table.shape[1] * 16 + 1, -1):
+        with pytest.raises(RuntimeError, match="seq_lens"):
+            op(q, k_pool, v_pool, table, torch.tensor([5, n], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="int32"):
+        op(q, k_pool, v_pool, table.long(), lens)
+    with pytest.raises(RuntimeError, match="int32"):
+        op(q, k_pool, v_pool, table, lens.long())
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(q.float(), k_pool, v_pool, table, lens)
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(q.half(), k_pool.half(), v_pool.half(), table, lens)
+    with pytest.raises(RuntimeError, match="power of two"):
+        op(q, k_pool[:, :, :12], v_pool[:, :, :12], table, lens)
+    with pytest.raises(RuntimeError, match="bad shapes"):  # 8 query heads over 3 KV heads
+        op(q, torch.cat([k_pool, k_pool[:, :1]], 1), torch.cat([v_pool, v_pool[:, :1]], 1), table, lens)
+    with pytest.raises(RuntimeError, match="block_table"):  # one table row for two query rows
+        op(q, k_pool, v_pool, table[:1], lens)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("bs", [1, 16])
+def test_paged_decode_reference_matches_sdpa(dtype, tol, bs):
+    """The PyTorch form (CUDA, autograd): unused slots and table entries may hold anything, empty rows give zeros."""
+    q, k_pool, v_pool, table, lens, unlisted = paged_case(paged_lens(bs), 12, 4, 64, bs, dtype, seed=bs)
+    ref = paged_oracle(q, k_pool, v_pool, table, lens)
+    poison_unused(k_pool, v_pool, table, lens, unlisted)
+    got = paged_decode_reference(q, k_pool, v_pool, table, lens)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert (got.float() - ref).abs().max() <= tol
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    qg = q.float().requires_grad_()  # grad enabled: the wrapper takes the PyTorch form
+    out = paged_decode_attention(qg, k_pool.float(), v_pool.float(), table, lens)
+    out.sum().backward()
+    assert torch.isfinite(qg.grad).all() and (out.detach() - ref).abs().max() <= 3e-2
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, head_dim, tol", PAGED_FORMS)
+def test_paged_decode_reference_equals_kernel(dtype, head_dim, tol):
+    q, k_pool, v_pool, table, lens, unlisted = paged_case(paged_lens(16), 8, 2, head_dim, 16, dtype, seed=head_dim)
+    poison_unused(k_pool, v_pool, table, lens, unlisted)
+    with torch.no_grad():
+        fast = paged_decode_attention(q, k_pool, v_pool, table, lens)
+    assert torch.equal(fast, torch.ops.herd.paged_decode_attention(q, k_pool, v_pool, table, lens))
+    assert (fast.float() - paged_decode_reference(q, k_pool, v_pool, table, lens).float()).abs().max() <= tol
+
+
+@needs_kernels
+def test_paged_decode_attention_compiles():
+    q, k_pool, v_pool, table, lens, _ = paged_case([33, 0, 16], 8, 2, 64, 16, torch.bfloat16, seed=3)
+    step = torch.compile(paged_decode_attention, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(step(q, k_pool, v_pool, table, lens), paged_decode_attention(q, k_pool, v_pool, table, lens))
+
+
+def test_paged_decode_reference_compiles():
+    """Under torch.compile the PyTorch form gathers the whole table (no data-dependent shape, no device sync): the
+    same output, with garbage in the unused table entries and NaN/inf in the unused slots."""
+    q, k_pool, v_pool, table, lens, unlisted = paged_case([33, 0, 16], 8, 2, 64, 16, torch.float32, seed=3)
+    poison_unused(k_pool, v_pool, table, lens, unlisted)
+    step = torch.compile(paged_decode_reference, fullgraph=True)
+    assert torch.allclose(step(q, k_pool, v_pool, table, lens), paged_oracle(q, k_pool, v_pool, table, lens), atol=1e-5)

@@ -53,7 +53,9 @@ def test_the_tokenizer_that_belongs_to_a_checkpoint(tmp_path, byte_vocab):
     model = tiny_model()
     ck.save_hf(model, None, tmp_path / "hf")
     assert tokenizer_source(tmp_path / "hf") is None  # no tokenizer file: callers use the Llama 3 vocabulary
-    assert checkpoint_tokenizer(tmp_path / "hf").n_words == 128256
+    # ... which does not fit this 512-id model: the error says where the vocabulary came from and what to pass
+    with pytest.raises(TokenizerError, match=r"vocab_size is 512 but the Llama 3 vocabulary .* --tokenizer"):
+        checkpoint_tokenizer(tmp_path / "hf")
     shutil.copy(byte_vocab, tmp_path / "hf" / "tokenizer.model")
     assert tokenizer_source(tmp_path / "hf") == tmp_path / "hf"
     assert checkpoint_tokenizer(tmp_path / "hf").n_words == 512
@@ -78,3 +80,29 @@ def test_model_info_for_names_and_paths(tmp_path):
     info = model_info(str(tmp_path / "hf"))
     assert info["format"] == "hf" and info["config"] == get_config("tiny").to_params()
     assert "model.safetensors" in info["files"]
+
+
+def test_save_tokenizer_training_window_and_readable_files(tmp_path, byte_vocab):
+    import json
+    import os
+
+    from herd.loading import make_readable, save_tokenizer, training_seq_len
+
+    model = tiny_model()
+    gguf = write_gguf(model.state_dict(), model.args, load_tokenizer(byte_vocab), tmp_path / "m.gguf", dtype="f32")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert save_tokenizer(gguf, out) == [out / "tokenizer.model"]  # a GGUF's vocabulary as tiktoken ranks
+    assert load_tokenizer(out).encode("Good morrow, 🦙") == load_tokenizer(byte_vocab).encode("Good morrow, 🦙")
+    assert save_tokenizer(None, out) == []  # the Llama 3 vocabulary is never copied
+    (out / "secret").write_text("x")
+    os.chmod(out / "secret", 0o600)
+    mask = os.umask(0o022)
+    try:
+        make_readable(out)
+    finally:
+        os.umask(mask)
+    assert (out / "secret").stat().st_mode & 0o777 == 0o644 and out.stat().st_mode & 0o777 == 0o755
+    assert training_seq_len(out) is None
+    (out / "card.json").write_text(json.dumps({"train_seq_len": 512}))
+    assert training_seq_len(out) == 512

@@ -112,3 +112,30 @@ def test_bad_configs_and_adapters(tmp_path):
     (tmp_path / "b" / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(lora.LoRAError, match="safetensors"):
         lora.load_peft(Transformer(get_config("tiny")), tmp_path / "b")
+
+
+def test_merge_lora_writes_the_bases_tokenizer_and_readable_files(tmp_path):
+    import os
+
+    from herd.cli import main
+    from herd.tokenizer import write_tiktoken_bpe
+
+    base = Transformer(get_config("tiny"))
+    base.init_weights()
+    save_hf(base, None, tmp_path / "base")
+    write_tiktoken_bpe({bytes([b]): b for b in range(256)}, tmp_path / "base" / "tokenizer.model")
+    tuned = load_model(tmp_path / "base").float()
+    lora.apply_lora(tuned, lora.LoRAConfig(rank=2, alpha=4, dropout=0.0, targets=["wq"]))
+    mask = os.umask(0o022)
+    try:
+        lora.save_peft(tuned, tmp_path / "adapter")
+        assert main(["merge-lora", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(mask)
+    out = tmp_path / "out"
+    assert (out / "tokenizer.model").read_bytes() == (tmp_path / "base" / "tokenizer.model").read_bytes()
+    for folder in (out, tmp_path / "adapter"):
+        assert {f.stat().st_mode & 0o777 for f in folder.iterdir()} == {0o644}
+    import herd
+
+    assert herd.load(out).tokenizer.n_words == 512  # chats at once

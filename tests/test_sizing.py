@@ -107,3 +107,47 @@ def test_cli(capsys):
     assert "multiple" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plan", "--model", "llama-3.1-8b", "--seq-len", "-5"])
+
+
+# ---- one answer per question (issue 21) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-tied"])
+def test_weight_bytes_are_what_herd_quantize_writes(name, dtype):
+    import torch
+    from conftest import tiny_model
+
+    from herd.quantize import quantize_model
+
+    model = quantize_model(tiny_model(name, torch.bfloat16, seed=0), dtype, 32)  # embedding and norms in bf16
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}.values()  # tied storage once
+    assert weight_bytes(model.args, dtype, 32) == sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_info_and_plan_print_the_same_int4_size(capsys):
+    from herd.sizing import format_bytes
+
+    assert main(["info", "llama-3.1-8b"]) == 0
+    info = capsys.readouterr().out
+    assert main(["plan", "--model", "llama-3.1-8b", "--dtype", "int4"]) == 0
+    plan_out = capsys.readouterr().out
+    size = format_bytes(weight_bytes(get_config("llama-3.1-8b"), "int4"))
+    assert size == "5.0 GB"
+    assert f"int4 {size}" in info and f"weights (int4)       {size}" in plan_out
+    assert "1 GB = 10^9 bytes" in info
+    assert main(["info", "llama-3.1-8b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bytes"]["int4"] == weight_bytes(get_config("llama-3.1-8b"), "int4")
+
+
+def test_plan_names_its_gpu_and_how_many_a_model_needs(capsys):
+    assert main(["plan", "--model", "llama-3.1-8b"]) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H100 SXM, 80.0 GB" in out and "fits one NVIDIA H100 SXM" in out
+    assert main(["plan", "--model", "llama-3.1-405b", "--hardware", "h200"]) == 0
+    out = capsys.readouterr().out
+    # 811.7 GB of weights + 67.6 GB of KV cache at 131,072 tokens = 879.4 GB: 7 H200s of 141 GB
+    assert "needs 7 x NVIDIA H200 SXM (141.0 GB each)" in out and "--tp 8" in out and "does not fit" in out
+    assert main(["plan", "--model", "llama-3.1-405b", "--dtype", "int4", "--tp", "4", "--gpus", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "needs 4 x NVIDIA H100 SXM" in out and "does not fit" not in out

@@ -9,7 +9,7 @@
         print(delta, end="", flush=True)
 
 Streams are `TextStream` objects: iterate them for text deltas; afterwards `.result` holds the full Completion
-(or ChatCompletion). An LLM is not thread-safe: it owns one KV cache.
+(or ChatCompletion). An LLM is not thread-safe: it owns one engine (herd.engine, the one `herd serve` runs).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import torch
 from .chat_format import ChatFormat, Message
 from .config import CONFIGS, get_config, torch_dtype
 from .default_model import default_model_path
-from .generate import Engine, GenerationError, StopStrings
+from .engine import Engine, Event, GenRequest, run_stats
 from .loading import checkpoint_tokenizer, load_tokenizer, open_model
 from .model import Transformer
-from .sampling import SamplingParams
-from .tokenizer import IncrementalDecoder, Tokenizer
+from .sampling import GenerationError, SamplingParams
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -85,27 +85,49 @@ _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"
 
 
 class LLM:
-    """A model + tokenizer + generation engine.
+    """A model + tokenizer + the generation engine (herd.engine: the same one `herd serve` runs).
 
     Args:
         model: a Transformer (eval mode is set here).
         tokenizer: its tokenizer (n_words must equal the model's vocab_size).
-        max_seq_len: cap on prompt + generated tokens (default: the model's context).
-        compile: torch.compile the decode step (first call pays the compile time).
+        max_seq_len: cap on prompt + generated tokens (default: the model's context; the KV pool may be smaller).
+        compile: torch.compile the decode step (the first call pays the compile time).
+        kv_cache_gb: the KV pool's size (default: from free memory).
+        prefix_cache: reuse the KV blocks of earlier prompts' identical prefixes (a chat's history, a system
+            prompt); outputs are the same either way.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_seq_len: int | None = None,
-                 compile: bool = False):
+                 compile: bool = False, kv_cache_gb: float | None = None, prefix_cache: bool = True):
         if tokenizer.n_words != model.args.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_words} ids but the model's vocabulary is {model.args.vocab_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.chat_format = ChatFormat(tokenizer)
-        self.engine = Engine(self.model, max_seq_len=max_seq_len, compile=compile)
+        self._engine_kw = {"max_seq_len": max_seq_len or model.args.max_seq_len, "compile": compile,
+                           "kv_cache_gb": kv_cache_gb, "prefix_cache": prefix_cache}
+        self._engine: Engine | None = None
+        self.last_stats: dict = {}
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, built on first use (the server sets its own: `llm.engine = Engine(llm.model, ...)`)."""
+        if self._engine is None:
+            self._engine = Engine(self.model, self.tokenizer, **self._engine_kw)
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def drop_engine(self, engine: Engine) -> None:
+        """Forget `engine` if it is this LLM's (its caches were freed); the next call builds a new one."""
+        if self._engine is engine:
+            self._engine = None
 
     @property
     def device(self) -> torch.device:
-        return self.engine.device
+        return self.model.tok_embeddings.weight.device
 
     # ---- plain completion -----------------------------------------------------------------------------------
 
@@ -125,20 +147,21 @@ class LLM:
         """Continue a prompt (text or token ids), or a batch of them (a list of texts or of id lists).
 
         Sampling keywords: temperature (0 = greedy; default 0.6), top_p (0.9), top_k, min_p, repetition_penalty,
-        presence_penalty, frequency_penalty, seed. Stops on the tokenizer's stop tokens (end_of_text, eom, eot)
-        unless `stop_token_ids` is given, and on any of the `stop` strings (cut from the text). With stream=True
-        (single prompt only) returns a TextStream of text deltas.
+        presence_penalty, frequency_penalty, seed (each prompt of a batch gets it: the same prompt gives the same
+        text alone or in a batch). Stops on the tokenizer's stop tokens (end_of_text, eom, eot) unless
+        `stop_token_ids` is given, and on any of the `stop` strings (cut from the text). With stream=True (single
+        prompt only) returns a TextStream of text deltas.
         """
         batch, prompts = self._prompts(prompt, add_bos)
-        params = _params(sampling)
-        stops = _as_list(stop)
-        stop_ids = self.tokenizer.stop_tokens if stop_token_ids is None else list(stop_token_ids)
-        run = self._run(prompts, params, max_new_tokens, stops, stop_ids, logprobs, top_logprobs, skip_special=False)
+        if stream and batch:
+            raise GenerationError("stream=True takes a single prompt")
+        reqs = [GenRequest(p, max_new_tokens, _params(sampling), _as_list(stop),
+                           None if stop_token_ids is None else list(stop_token_ids), logprobs, top_logprobs,
+                           skip_special=False) for p in prompts]
+        run = _Run(self, reqs)
         if stream:
-            if batch:
-                raise GenerationError("stream=True takes a single prompt")
             return self._stream(run, lambda results: results[0])
-        results = _drain(run)
+        results = run.drain()
         return results if batch else results[0]
 
     # ---- chat -----------------------------------------------------------------------------------------------
@@ -160,9 +183,7 @@ class LLM:
         TextStream of the reply's text deltas (special tokens skipped) whose `.result` is the ChatCompletion.
         """
         ids = self.chat_format.encode_dialog_prompt(list(messages), tools)
-        params = _params(sampling)
-        stop_ids = self.tokenizer.stop_tokens
-        run = self._run([ids], params, max_new_tokens, _as_list(stop), stop_ids, logprobs, 0, skip_special=True)
+        run = _Run(self, [GenRequest(ids, max_new_tokens, _params(sampling), _as_list(stop), None, logprobs)])
 
         def finish(results: list[Completion]) -> ChatCompletion:
             c = results[0]
@@ -172,7 +193,7 @@ class LLM:
 
         if stream:
             return self._stream(run, finish)
-        return finish(_drain(run))
+        return finish(run.drain())
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
@@ -198,91 +219,68 @@ class LLM:
             return True, [list(p) for p in prompt]
         raise GenerationError("prompt must be a string, a list of token ids, or a list of either")
 
-    def _run(self, prompts, params, max_new_tokens, stops, stop_ids, logprobs, top_logprobs, *, skip_special):
-        stop_rows: set[int] = set()  # rows ended by a stop string; the engine stops producing tokens for them
-        steps = self.engine.generate(prompts, params, max_new_tokens=max_new_tokens, stop_tokens=stop_ids,
-                                     logprobs=logprobs, top_logprobs=top_logprobs, stop_rows=stop_rows)
-        return _Run(self, prompts, steps, stop_rows, stops, stop_ids, logprobs, top_logprobs, skip_special)
-
     def _stream(self, run: "_Run", finish) -> TextStream:
         return TextStream(run.deltas(), lambda: finish(run.results()))
 
 
 class _Run:
-    """The text side of one engine run: detokenizes each row, applies stop strings, and collects Completions."""
+    """One call's sequences in the engine: steps it until they finish and collects their events as Completions."""
 
-    def __init__(self, llm: LLM, prompts, steps, stop_rows, stops, stop_ids, logprobs, top_logprobs, skip_special):
-        n = len(prompts)
-        self.llm, self.prompts, self.steps, self.stop_rows = llm, prompts, steps, stop_rows
-        self.logprobs, self.top_logprobs = logprobs, top_logprobs
-        self.stop_set = set(stop_ids)
-        self.decoders = [IncrementalDecoder(llm.tokenizer, skip_special=skip_special) for _ in range(n)]
-        self.cutters = [StopStrings(stops) for _ in range(n)]
-        self.ids: list[list[int]] = [[] for _ in range(n)]
-        self.texts: list[list[str]] = [[] for _ in range(n)]
-        self.lps: list[list[float]] = [[] for _ in range(n)]
-        self.tops: list[list[dict]] = [[] for _ in range(n)]
-        self.finish: list[str | None] = [None] * n
-        self.stop_by: list[int | str | None] = [None] * n
+    def __init__(self, llm: LLM, reqs: list[GenRequest]):
+        self.llm, self.engine = llm, llm.engine
+        self.seqs = []
+        try:
+            for i, r in enumerate(reqs):
+                if not r.prompt:
+                    raise GenerationError(f"prompt {i} is empty")
+                self.seqs.append(self.engine.add(r))
+        except Exception:
+            for s in self.seqs:
+                self.engine.abort(s)
+            raise
+        self.row = {s.id: i for i, s in enumerate(self.seqs)}
+        self.events: list[list[Event]] = [[] for _ in self.seqs]
 
     def deltas(self) -> Iterator[str]:
-        for _, d in self.row_deltas():
-            yield d
+        for _, ev in self.row_events():
+            if ev.text:
+                yield ev.text
 
-    def row_deltas(self) -> Iterator[tuple[int, str]]:
-        """Yield (row, text delta) as tokens arrive."""
+    def row_events(self) -> Iterator[tuple[int, Event]]:
+        """(row, event) as tokens arrive, until every row has finished; closing it early aborts the rest."""
         try:
-            for out in self.steps:
-                for i, tok in enumerate(out.tokens):
-                    if tok is None or self.finish[i] is not None:
-                        continue
-                    delta = self._add(i, tok, out)
-                    if delta:
-                        self.texts[i].append(delta)
-                        yield i, delta
+            while any(s.finished is None for s in self.seqs):
+                for seq, ev in self.engine.step():
+                    i = self.row.get(seq.id)
+                    if i is not None and self.seqs[i] is seq:
+                        self.events[i].append(ev)
+                        yield i, ev
         finally:
-            self.steps.close()
+            for s in self.seqs:
+                self.engine.abort(s)
 
-    def _add(self, i: int, tok: int, out) -> str:
-        if out.logprobs is not None:
-            self.lps[i].append(out.logprobs[i])
-        if out.top_logprobs is not None:
-            self.tops[i].append(out.top_logprobs[i])
-        dec, cut = self.decoders[i], self.cutters[i]
-        if out.finish[i] == "stop" and tok in self.stop_set:  # a stop token: not part of the text or the ids
-            self.finish[i], self.stop_by[i] = "stop", tok
-            delta, hit = cut.feed(dec.flush())
-            return delta + cut.flush()
-        self.ids[i].append(tok)
-        delta, hit = cut.feed(dec.add(tok))
-        if not hit and out.finish[i] == "length":
-            self.finish[i] = "length"
-            more, hit = cut.feed(dec.flush())
-            delta += more + ("" if hit else cut.flush())
-        if hit:
-            self.finish[i], self.stop_by[i] = "stop", cut.hit
-            self.stop_rows.add(i)
-        return delta
+    def drain(self) -> list[Completion]:
+        for _ in self.row_events():
+            pass
+        return self.results()
 
     def results(self) -> list[Completion]:
-        stats = dict(self.llm.engine.last_stats)
+        stats = run_stats(self.seqs)
+        self.llm.last_stats = stats
         out = []
-        for i, prompt in enumerate(self.prompts):
-            if self.finish[i] is None:  # closed early (Ctrl-C): keep what was generated
-                self.finish[i] = "interrupted"
-                self.texts[i].append(self.decoders[i].flush() + self.cutters[i].flush())
-            out.append(Completion(
-                "".join(self.texts[i]), self.ids[i], self.finish[i], self.stop_by[i],
-                self.lps[i] if self.logprobs else None, self.tops[i] if self.top_logprobs else None,
-                len(prompt), stats,
-            ))
+        for seq, events in zip(self.seqs, self.events):
+            toks = [e for e in events if e.token is not None]
+            last = events[-1] if events else Event()
+            finish = last.finish if last.finish in ("stop", "length") else "interrupted"
+            ids = [e.token for e in toks if not (e is last and isinstance(last.stop, int))]
+            lps = [e.logprob for e in toks] if seq.req.logprobs else None
+            tops = [e.top_logprobs or {} for e in toks] if seq.req.top_logprobs else None
+            text = "".join(e.text for e in events)
+            if finish == "interrupted":  # closed early (Ctrl-C): keep what was generated
+                text += seq.decoder.flush() + seq.cutter.flush()
+            out.append(Completion(text, ids, finish, last.stop if finish == "stop" else None, lps, tops,
+                                  seq.n_prompt, stats))
         return out
-
-
-def _drain(run: _Run) -> list[Completion]:
-    for _ in run.row_deltas():
-        pass
-    return run.results()
 
 
 def _params(sampling: dict) -> SamplingParams:
@@ -313,6 +311,7 @@ def load(
     tokenizer: str | os.PathLike | Tokenizer | None = None,
     max_seq_len: int | None = None,
     compile: bool = False,
+    kv_cache_gb: float | None = None,
 ) -> LLM:
     """Load a checkpoint (HF folder, Meta folder, .gguf file, or `herd quantize` output) as an LLM;
     no path: herd's bundled default model (a small Llama 3.1-architecture model trained on Shakespeare).
@@ -323,6 +322,7 @@ def load(
         tokenizer: a Tokenizer, or a file/folder; default: the checkpoint's own, else the Llama 3 vocabulary.
         max_seq_len: cap on prompt + generated tokens.
         compile: torch.compile the decode step.
+        kv_cache_gb: the KV pool's size (default: from free memory).
     """
     if path is None:  # herd's bundled default model
         path = default_model_path()
@@ -332,7 +332,7 @@ def load(
     model = open_model(path, device=device or _default_device(), dtype=dtype)
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = checkpoint_tokenizer(path, tokenizer)
-    return LLM(model, tokenizer, max_seq_len=max_seq_len, compile=compile)
+    return LLM(model, tokenizer, max_seq_len=max_seq_len, compile=compile, kv_cache_gb=kv_cache_gb)
 
 
 def random_llm(name: str, *, seed: int = 0, device=None, dtype=None, tokenizer: Tokenizer | None = None,

@@ -201,14 +201,59 @@ def stage_args(stage: str, preset: str, threads: int, model: str | None = None, 
 
 
 def _free_port() -> int:
+    """A port for the serve stage's server, free now. It is chosen below the kernel's ephemeral range, where
+    bind(0) and outgoing connections take theirs, so another process is unlikely to take it before the server binds
+    it; run_stage retries with a new port if that happens anyway."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(50):
+        port = rng.randrange(10000, max(10001, low))
+        with socket.socket() as s:  # no SO_REUSEADDR: a port anyone listens on (any address) fails to bind
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+PORT_RETRIES = 3  # serve stage: attempts when the server could not take its port
+
+
+def _port_taken(tail: list[str]) -> bool:
+    text = "\n".join(tail).lower()
+    return "address already in use" in text or "did not start" in text or "cannot listen" in text
+
+
 def run_stage(stage: str, args: list[str], bench_dir: Path, log: Callable[[str], None] | None = None,
               tail_lines: int = 12) -> StageResult:
-    """Run benchmarks/<stage>.py with `args` + `--json`, echoing its output to `log` line by line."""
+    """Run benchmarks/<stage>.py with `args` + `--json`, echoing its output to `log` line by line. A stage given
+    `--port` whose server could not start (its port taken in the meantime) is run again on a new port, up to
+    PORT_RETRIES times; the result's tail keeps the child's own error lines."""
+    result = _run_stage_once(stage, args, bench_dir, log, tail_lines)
+    tried = []
+    while "--port" in args and not result.ok and _port_taken(result.tail) and len(tried) < PORT_RETRIES - 1:
+        i = args.index("--port") + 1
+        tried.append(args[i])
+        args = [*args[:i], str(_free_port()), *args[i + 1:]]
+        if log:
+            log(f"    (port {tried[-1]} could not be used; retrying on {args[i]})")
+        result = _run_stage_once(stage, args, bench_dir, log, tail_lines)
+    if tried and not result.ok:  # (first: `error` shows the child's own last line)
+        last = args[args.index("--port") + 1]
+        result.tail.insert(0, f"the server could not start on port {', '.join(tried)} or {last}")
+    return result
+
+
+def _run_stage_once(stage: str, args: list[str], bench_dir: Path, log: Callable[[str], None] | None,
+                    tail_lines: int) -> StageResult:
     script = bench_dir / f"{stage}.py"
     with tempfile.TemporaryDirectory(prefix="herd-bench-") as tmp:
         out = Path(tmp) / f"{stage}.json"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import ConfigError, ModelArgs, load_params
+from .config import MAX_CONFIG_BYTES, ConfigError, JSONError, ModelArgs, load_params, read_json
 from .model import Transformer
 
 
@@ -107,9 +107,21 @@ def hf_to_meta(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = Transformer(args)
-    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    """Transformer(args).state_dict()'s keys (in its order) and shapes, computed from the config without building
+    the model (a test compares the two), so checking a checkpoint costs nothing whatever its config claims."""
+    d, hd, hidden = args.dim, args.head_dim, args.ffn_hidden_dim
+    layer = {
+        "attention.wq.weight": (args.n_heads * hd, d), "attention.wk.weight": (args.n_kv_heads * hd, d),
+        "attention.wv.weight": (args.n_kv_heads * hd, d), "attention.wo.weight": (d, args.n_heads * hd),
+        "feed_forward.w1.weight": (hidden, d), "feed_forward.w2.weight": (d, hidden),
+        "feed_forward.w3.weight": (hidden, d), "attention_norm.weight": (d,), "ffn_norm.weight": (d,),
+    }
+    out = {"tok_embeddings.weight": (args.vocab_size, d)}
+    for i in range(args.n_layers):
+        out.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    out["norm.weight"] = (d,)
+    out["output.weight"] = (args.vocab_size, d)
+    return out
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, source: str = "checkpoint") -> None:
@@ -187,12 +199,14 @@ def _hf_shards(folder: Path) -> dict[Path, list[str] | None]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
-            data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
-            weight_map = data["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed index ({e})") from None
+            data = read_json(index, max_bytes=MAX_CONFIG_BYTES, object_pairs_hook=_no_duplicates)
+        except JSONError as e:
+            raise CheckpointError(f"{e} (a malformed index)") from None
+        except OSError as e:
+            raise CheckpointError(f"{index}: cannot read the index ({e})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: malformed index (no weight_map object)")
         shards: dict[Path, list[str]] = {}
         for tensor, name in weight_map.items():
             shards.setdefault(_inside(folder, name), []).append(tensor)

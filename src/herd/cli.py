@@ -39,6 +39,7 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 
 def _info(args) -> int:
     from .loading import model_info
+    from .sizing import format_bytes
 
     info = model_info(args.model)
     if args.json:
@@ -49,9 +50,12 @@ def _info(args) -> int:
     print(f"parameters  {info['parameters']:,}")
     print("config      " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     print(f"head_dim    {info['head_dim']}   ffn_hidden_dim {info['ffn_hidden_dim']}")
-    print("weights     " + "   ".join(f"{k} {_size(v)}" for k, v in info["bytes"].items()))
+    print("weights     " + "   ".join(f"{k} {format_bytes(v)}" for k, v in info["bytes"].items())
+          + f"   (int8/int4 as `herd quantize` writes them, int4 in groups of {info['int4_group_size']}; "
+            "1 GB = 10^9 bytes, as `herd plan`)")
     kv = info["kv_cache_bytes_per_token_bf16"]
-    print(f"kv cache    {_size(kv)}/token (bf16), {_size(kv * cfg['max_seq_len'])} at {cfg['max_seq_len']:,} tokens")
+    print(f"kv cache    {format_bytes(kv)}/token (bf16), {format_bytes(kv * cfg['max_seq_len'])} at "
+          f"{cfg['max_seq_len']:,} tokens")
     return 0
 
 
@@ -90,7 +94,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=_positive_int, help="context length (default: the model's, 131072)")
     p.add_argument("--batch", type=_positive_int, default=1, help="sequences in the KV cache (default 1)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8", "int8", "int4"], help="weight dtype")
-    p.add_argument("--hardware", default="h100", choices=["h100", "h200", "a100"], help="GPU for peak numbers")
+    p.add_argument("--hardware", default="h100", choices=["h100", "h200", "a100"],
+                   help="the GPU assumed: memory, peak bf16 FLOP/s and bandwidth from its datasheet (default h100: "
+                        "NVIDIA H100 SXM 80 GB)")
     p.add_argument("--train", action="store_true", help="also size pretraining")
     p.add_argument("--gpus", type=_positive_int, default=1, help="GPUs (training: FSDP x TP x PP)")
     p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size")
@@ -118,9 +124,11 @@ def _plan(args) -> int:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     ev = p.add_subparsers(dest="eval_command", metavar="{perplexity,tasks}", required=True)
     ppl = ev.add_parser("perplexity", help="sliding-window perplexity and bits per byte of a text file")
-    ppl.add_argument("--model", required=True, help="checkpoint (HF/Meta folder, .gguf, or herd quantize output)")
+    ppl.add_argument("--model", help="checkpoint (HF/Meta folder, .gguf, or herd quantize output; default: herd's "
+                                     "bundled model)")
     ppl.add_argument("--file", required=True, help="UTF-8 text file")
-    ppl.add_argument("--window", type=_positive_int, help="tokens per window (default min(context, 2048))")
+    ppl.add_argument("--window", type=_positive_int, help="tokens per window (default: the window the model was "
+                                                          "trained on when it records one, else min(context, 2048))")
     ppl.add_argument("--stride", type=_positive_int, help="tokens between window starts (default window/2)")
     ppl.add_argument("--dtype", type=dtype_arg, default="fp32", choices=DTYPE_NAMES,
                      help="compute dtype (default fp32; long names such as float32 also accepted)")
@@ -137,7 +145,9 @@ def _eval(args) -> int:
 
 def _eval_perplexity(args) -> int:
     from .api import load
+    from .default_model import resolve
     from .evaluate import text_perplexity
+    from .loading import training_seq_len
 
     path = Path(args.file)
     if not path.is_file():
@@ -146,8 +156,10 @@ def _eval_perplexity(args) -> int:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise CLIError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    llm = load(args.model, dtype=args.dtype, device=args.device)
-    r = text_perplexity(llm, text, window=args.window, stride=args.stride, progress=not args.json)
+    model = resolve(args.model)
+    llm = load(model, dtype=args.dtype, device=args.device)
+    window = args.window or training_seq_len(model)
+    r = text_perplexity(llm, text, window=window, stride=args.stride, progress=not args.json)
     if args.json:
         _print_json(r.to_dict())
     else:
@@ -293,7 +305,9 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256], help="int4 group (default 128)")
     p.add_argument("--eval-tokens", type=int, default=512,
                    help="tokens for the perplexity check before/after (default 512; 0 skips it)")
-    p.add_argument("--eval-file", help="text file for the perplexity check (default: Python's textwrap.py source)")
+    p.add_argument("--eval-file", help="text file for the perplexity check (default: the held-out plays for the "
+                                       "bundled model, else Python's textwrap.py source: pass text the model is "
+                                       "about)")
 
 
 def _quantize(args) -> int:
@@ -306,10 +320,10 @@ def _quantize(args) -> int:
         with open(args.eval_file, encoding="utf-8") as f:
             text = f.read()
     report = quantize_checkpoint(args.model, args.out, args.dtype, args.group_size, eval_text=text,
-                                 eval_tokens=args.eval_tokens)
+                                 eval_tokens=args.eval_tokens, eval_source=args.eval_file)
     if report["ppl_bf16"] is not None:
-        print(f"perplexity on {report['eval_tokens']} tokens: bf16 {report['ppl_bf16']:.3f} -> {args.dtype} "
-              f"{report['ppl_quantized']:.3f} ({report['ppl_change_pct']:+.2f}%)", file=sys.stderr)
+        print(f"perplexity on {report['eval_tokens']} tokens of {report['eval_text']}: bf16 {report['ppl_bf16']:.3f} "
+              f"-> {args.dtype} {report['ppl_quantized']:.3f} ({report['ppl_change_pct']:+.2f}%)", file=sys.stderr)
     print(f"wrote {args.out}", file=sys.stderr)
     _print_json(report)
     return 0
@@ -355,7 +369,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $HERD_API_KEY)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
-    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests generating at once (default 8)")
+    p.add_argument("--max-batch", type=_positive_int, default=64,
+                   help="sequences decoded together at most (default 64; the KV cache also bounds how many fit)")
+    p.add_argument("--kv-cache-gb", type=_positive_float,
+                   help="size of the paged KV cache (default: a quarter of free memory, at most what max-batch "
+                        "full-length sequences take)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse the KV blocks of earlier requests' identical prompt prefixes")
+    p.add_argument("--no-compile", "--eager", dest="no_compile", action="store_true",
+                   help="run the decode step eagerly (default: compiled, warmed up at start)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503 (default 64)")
     p.add_argument("--queue-timeout", type=float, default=600.0, help="seconds a request may wait (default 600)")
     p.add_argument("--max-seq-len", type=_positive_int, help="prompt + reply tokens per request "
@@ -364,6 +386,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-origin", action="append", help="browser origin allowed to call the API (repeatable)")
     p.add_argument("--served-model-name", help="the model's name in the APIs (default: the folder or config name)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds running requests get on SIGTERM")
+    p.add_argument("--max-connections", type=_positive_int, default=512,
+                   help="open connections at most; above it the longest-idle one is closed, or if all are busy the "
+                        "new one gets 503 (default 512)")
+    p.add_argument("--read-timeout", type=_positive_float, default=30.0,
+                   help="seconds for a request's headers to arrive, and again for its body (default 30)")
+    p.add_argument("--timeout-keep-alive", type=_positive_float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (default 5)")
     p.add_argument("--tokenizer", help="tokenizer file or folder (default: the model folder's, else Llama 3's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", type=dtype_arg, choices=DTYPE_NAMES, help="weights and activations (default bf16)")
@@ -385,23 +414,26 @@ def _port(s: str) -> int:
 
 
 def _read_json(path: str, what: str):
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CLIError(f"{what} file {path}: invalid JSON: {e}") from None
+    from .config import read_json
 
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    try:
+        return read_json(path)
+    except ValueError as e:  # JSONError: path:line: reason
+        raise CLIError(f"{what} file: invalid JSON: {e}") from None
 
 
 def _convert_dtype(s: str) -> str:
     return dtype_arg(s) if s.lower() in DTYPE_ALIASES else s
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    return v
 
 
 def _positive_int(s: str) -> int:

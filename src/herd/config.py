@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,31 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A model configuration that herd cannot represent faithfully."""
+
+
+# Upper bounds on every size a config may ask for, checked in ModelArgs.__post_init__ before anything is built (a
+# config.json, params.json or GGUF header is untrusted input: 1e9 layers must be an error, not a billion modules on
+# the meta device). Each is generous next to the largest published Llama, 3.1 405B (llama-models sku_list): 126
+# layers, dim 16384, 128 heads of 128, ffn 53248, vocabulary 128256, context 131072, rope factor 8 (3.2: 32).
+LIMITS = {
+    "n_layers": 1024,  # 8x 405B's 126
+    "dim": 65536,  # 4x 405B's 16384
+    "n_heads": 1024,  # 8x 405B's 128 (n_kv_heads divides n_heads, so it is bounded too)
+    "head_dim": 1024,  # 8x Llama's 128 (Gemma's 256 fits)
+    "ffn_hidden_dim": 1 << 20,  # ~20x 405B's 53248
+    "multiple_of": 1 << 20,  # <= ffn_hidden_dim (ffn_fields sets it to the hidden size itself)
+    "vocab_size": 1 << 20,  # 8x Llama 3's 128256 (Gemma's 256000 fits)
+    "max_seq_len": 1 << 24,  # 128x 3.1's 131072
+    "rope_original_max_seq_len": 1 << 24,  # as max_seq_len (3.1: 8192)
+}
+# (low, high] for the float fields: positive and finite, and no larger than any real model's by a wide margin.
+FLOAT_LIMITS = {
+    "norm_eps": (0.0, 1.0),  # Llama 1e-5 (HF configs 1e-5 / 1e-6); an eps near 1 would swamp the RMS
+    "rope_theta": (0.0, 1e12),  # Llama 3 500000; long-context models use up to ~1e8
+    "rope_scale_factor": (0.0, 1024.0),  # 3.1: 8, 3.2: 32
+    "rope_low_freq_factor": (0.0, 1024.0),  # 1
+    "rope_high_freq_factor": (0.0, 1024.0),  # 4
+}
 
 
 @dataclass(frozen=True)
@@ -42,24 +68,38 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+                     "rope_original_max_seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+            if name in LIMITS and v > LIMITS[name]:
+                raise ConfigError(f"{name} {v} is over herd's limit of {LIMITS[name]} (see herd.config.LIMITS)")
+        for name in ("use_scaled_rope", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.dim % self.n_heads:
             raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim {self.head_dim} must be even for RoPE")
-        for name in ("norm_eps", "rope_theta", "rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+        if self.head_dim > LIMITS["head_dim"]:
+            raise ConfigError(f"head_dim {self.head_dim} is over herd's limit of {LIMITS['head_dim']}")
+        for name, (lo, hi) in FLOAT_LIMITS.items():
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"{name} must be a positive finite number, got {v!r}")
+            if not lo < v <= hi:
+                raise ConfigError(f"{name} {v!r} is outside herd's range ({lo:g}, {hi:g}]")
         if self.ffn_dim_multiplier is not None and not (
-            isinstance(self.ffn_dim_multiplier, (int, float)) and 0 < self.ffn_dim_multiplier < 1e3
+            isinstance(self.ffn_dim_multiplier, (int, float)) and not isinstance(self.ffn_dim_multiplier, bool)
+            and 0 < self.ffn_dim_multiplier < 1e3
         ):
             raise ConfigError(f"ffn_dim_multiplier must be a positive number, got {self.ffn_dim_multiplier!r}")
+        if self.ffn_hidden_dim > LIMITS["ffn_hidden_dim"]:
+            raise ConfigError(f"the feed-forward size {self.ffn_hidden_dim} is over herd's limit of "
+                              f"{LIMITS['ffn_hidden_dim']}")
         if self.use_scaled_rope and not self.rope_high_freq_factor > self.rope_low_freq_factor:
             raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
 
@@ -270,9 +310,11 @@ def load_params(path: str | Path) -> ModelArgs:
     """Read a Meta params.json or HF config.json file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = read_json(path, max_bytes=MAX_CONFIG_BYTES)
+    except OSError as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
+    except JSONError as e:
+        raise ConfigError(f"cannot read {e}") from None
     if path.name == "config.json":
         return ModelArgs.from_hf(data)
     return ModelArgs.from_params(data)
@@ -290,6 +332,105 @@ def num_params(cfg: ModelArgs) -> int:
 
 def kv_cache_bytes_per_token(cfg: ModelArgs, bytes_per_elem: int = 2) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per_elem
+
+
+# ---- JSON from files and strings that herd did not write ------------------------------------------------------
+
+MAX_JSON_DEPTH = 64  # herd's own files nest 4 levels; tool arguments and request bodies rarely more than 10
+MAX_JSON_NUMBER_DIGITS = 100  # a number literal of more digits is not data herd uses (int() of 5,000 digits is slow)
+MAX_CONFIG_BYTES = 16 << 20  # config.json / params.json / index files are kilobytes
+
+
+class JSONError(ValueError):
+    """Untrusted JSON that is invalid or over a limit. `reason` says what; `line` (1-based) where, when known."""
+
+    def __init__(self, reason: str, line: int | None = None):
+        super().__init__(reason)
+        self.reason, self.line = reason, line
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_LONG_NUMBER = re.compile(f"[0-9]{{{MAX_JSON_NUMBER_DIGITS + 1},}}")
+
+
+def _too_deep_at(text: str, max_depth: int) -> int | None:
+    """Offset where the nesting of JSON `text` first exceeds `max_depth` (None: it does not), in linear time and
+    without recursion: brackets inside strings do not count."""
+    if text.count("[") + text.count("{") <= max_depth:
+        return None
+    import numpy as np
+
+    delta = np.zeros(256, dtype=np.int64)
+    delta[[ord("["), ord("{")]], delta[[ord("]"), ord("}")]] = 1, -1
+    brackets = np.frombuffer(_NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii"), dtype=np.uint8)
+    if not brackets.size or int(delta[brackets].cumsum().max()) <= max_depth:
+        return None
+    depth = 0  # rare: find the place, for the message
+    for m in _JSON_TOKEN.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > max_depth:
+                return m.start()
+        elif c in "]}":
+            depth -= 1
+    return 0
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v):
+        raise ValueError(f"number {s[:20]} is out of range")
+    return v
+
+
+def parse_json(text: str, *, max_depth: int = MAX_JSON_DEPTH, object_pairs_hook=None):
+    """json.loads for text herd did not write: strict (no NaN / Infinity, no number literal over
+    MAX_JSON_NUMBER_DIGITS digits or out of float range) and nested at most `max_depth` levels, checked before
+    parsing (linear time), so a 100k-deep document is a JSONError, never a RecursionError."""
+    at = _too_deep_at(text, max_depth)
+    if at is not None:
+        raise JSONError(f"too deeply nested (more than {max_depth} levels)", text.count("\n", 0, at) + 1)
+    if _LONG_NUMBER.search(text):
+        m = _LONG_NUMBER.search(_JSON_STRING.sub(lambda s: " " * len(s.group()), text))
+        if m:
+            raise JSONError(f"a number with more than {MAX_JSON_NUMBER_DIGITS} digits",
+                            text.count("\n", 0, m.start()) + 1)
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                          object_pairs_hook=object_pairs_hook)
+    except json.JSONDecodeError as e:
+        raise JSONError(f"invalid JSON: {e.msg} (column {e.colno})", e.lineno) from None
+    except RecursionError:  # not reached after the depth check; kept as a guard
+        raise JSONError(f"too deeply nested (more than {max_depth} levels)") from None
+    except JSONError:
+        raise
+    except ValueError as e:  # a hook's refusal (NaN, a huge float), or an error from object_pairs_hook
+        raise JSONError(str(e)[:200]) from None
+
+
+def read_json(path: str | Path, *, max_bytes: int | None = None, max_depth: int = MAX_JSON_DEPTH,
+              object_pairs_hook=None):
+    """A JSON file herd did not write (config.json, params.json, index files, tokenizer.json, herd_quant.json):
+    parse_json's limits, and every error a JSONError whose message starts with `path:line:` (OSError passes)."""
+    path = Path(path)
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise JSONError(f"{path}: {path.stat().st_size} bytes, over the limit of {max_bytes} for this file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise JSONError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    try:
+        return parse_json(text, max_depth=max_depth, object_pairs_hook=object_pairs_hook)
+    except JSONError as e:
+        where = f"{path}:{e.line}" if e.line else str(path)
+        raise JSONError(f"{where}: {e.reason}", e.line) from None
 
 
 # ---- dtype names --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ re-packages it (scripts/train_default_model.sh calls it at the end).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -48,8 +49,19 @@ def resolve(model: str | None, *, quiet: bool = False) -> str:
     return str(path)
 
 
+def is_default_model(path: str | os.PathLike | None) -> bool:
+    """Whether `path` is the bundled model's folder."""
+    try:
+        return path is not None and Path(path).resolve() == DEFAULT_DIR.resolve()
+    except OSError:
+        return False
+
+
 def validation_text() -> str:
-    """Held-out text for the recorded perplexity: Macbeth from the committed corpus (never trained on)."""
+    """Held-out text for the recorded perplexity: Macbeth from the committed corpus (never trained on). Needs the
+    repository's data/ folder (FileNotFoundError in an installed package without it)."""
     corpus = Path(__file__).resolve().parents[2] / "data" / "shakespeare" / "corpus.tar.xz"
+    if not corpus.is_file():
+        raise FileNotFoundError(f"{corpus}: the held-out plays come with a clone of herd's repository")
     with tarfile.open(corpus) as tar:
         return tar.extractfile("val/macbeth.txt").read().decode("utf-8")

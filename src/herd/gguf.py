@@ -504,7 +504,10 @@ def _rope_from_factors(f: GGUFFile, args: ModelArgs) -> ModelArgs:
     candidates += [dict(rope_scale_factor=s, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                         rope_original_max_seq_len=8192) for s in (8.0, 32.0, 16.0, 4.0, 2.0, 64.0)]
     for cand in candidates:
-        trial = args.replace(use_scaled_rope=True, **cand)
+        try:
+            trial = args.replace(use_scaled_rope=True, **cand)
+        except ConfigError as e:  # herd.rope.* keys out of range (ModelArgs checks them like any config)
+            raise GGUFError(f"{f.path.name}: {e}") from None
         if torch.allclose(rope_factors(trial), got, rtol=1e-5, atol=0):
             return trial
     raise GGUFError(f"{f.path.name}: rope_freqs.weight does not match a llama3 rope scaling herd knows")

@@ -2,7 +2,8 @@
 attention they provide, and `use_cpu_kernels(model)`, which routes a CPU model's decode through them.
 
 They serve bf16 models as much as quantized ones: `linear_bf16`, `linear_int8`, `linear_int4` (herd.quantize's
-int8/int4 modules call the last two) and `decode_attention`.
+int8/int4 modules call the last two), `decode_attention` and `paged_decode_attention` (the same kernel reading a
+paged KV cache's block pool in place).
 
 Why our own kernels (measured on a 2-core AVX-512 Xeon, docs/generation.md has the table): batch-1 decode streams
 every weight once per token, so it is bound by memory bandwidth. PyTorch's `_weight_int8pack_mm` and
@@ -46,7 +47,8 @@ def _cpu_flags() -> set[str]:
 
 
 def cpu_kernels(build: bool = True) -> bool:
-    """Whether herd's AVX-512 decode kernels are loaded (building them on first use; ~30 s once, then cached).
+    """Whether herd's AVX-512 decode kernels are loaded (building them on first use; ~30 s once, then cached in
+    torch's extensions folder, `$TORCH_EXTENSIONS_DIR` or ~/.cache/torch_extensions, as herd_cpu_gemv-<hash>).
 
     Off when HERD_CPU_KERNELS=0, on CPUs without AVX-512 BF16, without a C++ compiler, or if the self-test fails.
     """
@@ -59,11 +61,43 @@ def cpu_kernels(build: bool = True) -> bool:
     if not {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"} <= _cpu_flags():
         return False
     try:
-        from torch.utils.cpp_extension import load
+        import fcntl
+        import hashlib
+        import sys
 
-        src = Path(__file__).with_name("csrc") / "cpu_gemv.cpp"
-        load(name="herd_cpu_gemv", sources=[str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-             is_python_module=False, verbose=False)
+        from torch.utils.cpp_extension import get_default_build_root, load
+
+        # Built into a folder of its own, keyed by what the binary depends on (the source, the flags, torch, Python
+        # and the CPU for -march=native), so two herd installs on one machine never rebuild each other's kernels.
+        sources = [Path(__file__).with_name("csrc") / "cpu_gemv.cpp"]
+        flags = ["-O3", "-march=native", "-fopenmp"]
+        key = hashlib.sha256()
+        for part in [*(p.read_bytes() for p in sources), " ".join(flags), torch.__version__, sys.version,
+                     " ".join(sorted(_cpu_flags()))]:
+            key.update(part if isinstance(part, bytes) else part.encode())
+            key.update(b"\0")
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+        build_dir = root / f"herd_cpu_gemv-{key.hexdigest()[:16]}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # torch's FileBaton is a bare O_EXCL file named `lock` without an owner, which a killed build leaves behind
+        # and every later start then waits on forever. herd builds under an flock of its own, which the kernel drops
+        # when its holder dies: whoever holds it knows that no live herd process is building here, so a `lock`
+        # file it finds is stale and is removed.
+        with open(build_dir / "herd.lock", "a+") as guard:
+            try:
+                fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print("waiting for another herd process that is building the CPU kernels ...", file=sys.stderr,
+                      flush=True)
+                fcntl.flock(guard, fcntl.LOCK_EX)
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("removing %s, a kernel build lock left by a process that was killed", stale)
+                stale.unlink(missing_ok=True)
+            if not (build_dir / "herd_cpu_gemv.so").exists():
+                print("building herd's CPU kernels (about 30 s, once)", file=sys.stderr, flush=True)
+            load(name="herd_cpu_gemv", sources=[str(p) for p in sources], extra_cflags=flags,
+                 build_directory=str(build_dir), is_python_module=False, verbose=False)
         _register_fakes()
         _KERNELS = _self_test()
     except Exception as e:  # no compiler, no ninja, build error: the PyTorch path still works
@@ -80,11 +114,12 @@ def _register_fakes() -> None:
     def fake_dequantize(w, scales, mins, group_size):
         return w.new_empty(w.shape[0], w.shape[1] * 2, dtype=torch.bfloat16)
 
-    def fake_attention(q, k, v, mask):
+    def fake_attention(q, *rest):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     for name, fn in (("linear_bf16", fake), ("linear_int8", fake), ("linear_int4", fake),
-                     ("dequantize_int4", fake_dequantize), ("decode_attention", fake_attention)):
+                     ("dequantize_int4", fake_dequantize), ("decode_attention", fake_attention),
+                     ("paged_decode_attention", fake_attention)):
         try:
             torch.library.register_fake(f"herd::{name}")(fn)
         except RuntimeError:  # already registered in this process
@@ -186,6 +221,42 @@ def decode_sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw
         return torch.ops.herd.decode_attention(q, k, v, attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa,
                                           **kw)
+
+
+def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor) -> torch.Tensor:
+    """One-token attention over a paged KV cache: q (B, H, 1, D); k_pool, v_pool (num_blocks, KVH, block_size, D);
+    block_table (B, max_blocks) int32: position p of row b is at offset p % block_size of block
+    block_table[b, p // block_size]; seq_lens (B,) int32: row b attends to positions 0 .. seq_lens[b] - 1 (none:
+    zeros). -> (B, H, 1, D) in q's dtype, GQA by Meta's grouping. Table entries past a row's last block and pool
+    slots past its length are never used. herd's CPU kernel where it applies, else `paged_decode_reference`."""
+    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and k_pool.dtype == q.dtype
+            and v_pool.dtype == q.dtype and q.shape[-1] % 16 == 0 and not (torch.is_grad_enabled() and q.requires_grad)
+            and cpu_kernels()):
+        return torch.ops.herd.paged_decode_attention(q, k_pool, v_pool, block_table.int(), seq_lens.int())
+    return paged_decode_reference(q, k_pool, v_pool, block_table, seq_lens)
+
+
+def paged_decode_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor) -> torch.Tensor:
+    """paged_decode_attention in plain PyTorch (CUDA, autograd, the tests' oracle): each row's blocks gathered into a
+    contiguous cache, positions >= its length masked (and zeroed, so NaN/inf in unused slots cannot leak), SDPA.
+    The gather spans the blocks the longest row needs when seq_lens is on the CPU (eager), else the whole table
+    (no device sync, static shapes under torch.compile / CUDA graphs: pass a table trimmed to the bucket)."""
+    B, KVH, bs, D = q.shape[0], k_pool.shape[1], k_pool.shape[2], k_pool.shape[3]
+    n = block_table.shape[1]
+    if seq_lens.device.type == "cpu" and B and not torch.compiler.is_compiling():
+        n = min(n, max(1, -(-int(seq_lens.max()) // bs)))
+    if n == 0:
+        return torch.zeros_like(q, memory_format=torch.contiguous_format)
+    table = block_table[:, :n].long().clamp(0, k_pool.shape[0] - 1)
+    pos = torch.arange(n * bs, device=q.device)
+    live = pos < seq_lens.to(q.device, torch.long)[:, None]  # (B, n * bs)
+    k, v = (torch.where(live[:, None, :, None], pool[table].transpose(1, 2).reshape(B, KVH, n * bs, D), 0).to(q.dtype)
+            for pool in (k_pool, v_pool))
+    mask = (live | (pos == 0))[:, None, None, :]  # slot 0 (zeroed) for empty rows, whose output is zeroed below
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return torch.where((seq_lens.to(q.device) > 0)[:, None, None, None], out, 0)
 
 
 def use_cpu_kernels(model: nn.Module) -> int:

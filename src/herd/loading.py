@@ -7,7 +7,9 @@ format modules never import each other to dispatch.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from .gguf_vocab import read_gguf_tokenizer
 from .kernels import use_cpu_kernels
 from .model import Transformer
 from .quantize import is_quantized_checkpoint, load_quantized
-from .tokenizer import TOKENIZER_FILES, Tokenizer
+from .sizing import INT4_GROUP, weight_bytes
+from .tokenizer import TOKENIZER_COPY_FILES, TOKENIZER_FILES, Tokenizer, TokenizerError, write_tiktoken_bpe
 from .tokenizer import load_tokenizer as load_tokenizer_file
 
 
@@ -84,8 +87,78 @@ def load_tokenizer(path: str | os.PathLike | None = None, *, n_words: int | None
 
 def checkpoint_tokenizer(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer that belongs to a checkpoint: `tokenizer` when given, else the checkpoint's own, else the
-    Llama 3 vocabulary."""
-    return load_tokenizer(tokenizer if tokenizer is not None else tokenizer_source(path))
+    Llama 3 vocabulary. A tokenizer whose ids do not match the model's vocabulary is a TokenizerError that says
+    where the tokenizer came from and suggests --tokenizer."""
+    src = tokenizer if tokenizer is not None else tokenizer_source(path)
+    tok = load_tokenizer(src)
+    try:
+        vocab = read_config(path).vocab_size
+    except (OSError, ValueError):  # not a folder/file read_config knows (e.g. a herd-quant folder): the caller checks
+        return tok
+    if tok.n_words != vocab:
+        where = (f"the tokenizer {src}" if src is not None else
+                 f"the Llama 3 vocabulary (no {' / '.join(TOKENIZER_FILES)} in {path})")
+        raise TokenizerError(f"{path}: the model's vocab_size is {vocab} but {where} has {tok.n_words} ids: pass the "
+                             "tokenizer the model was trained with, --tokenizer FILE_OR_FOLDER (herd.load(path, "
+                             "tokenizer=...)), or copy it into the model's folder as tokenizer.model")
+    return tok
+
+
+def training_seq_len(path: str | os.PathLike) -> int | None:
+    """The sequence length a checkpoint was trained on, when it records one (`train_seq_len` in a card.json beside
+    the weights, as herd's bundled model has); None otherwise."""
+    card = Path(path) / "card.json"
+    try:
+        n = json.loads(card.read_text(encoding="utf-8")).get("train_seq_len")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
+
+
+def make_readable(folder: str | os.PathLike) -> Path:
+    """Give every file and folder under `folder` the permissions a plain `open()` would under the current umask
+    (0644 / 0755 with umask 022): safetensors writes 0600, temporary folders are 0700."""
+    mask = os.umask(0)
+    os.umask(mask)
+    root = Path(folder)
+    paths = [root] if root.is_file() else [root, *root.rglob("*")]
+    for p in paths:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    return root
+
+
+def save_tokenizer(source: str | os.PathLike | None, folder: str | os.PathLike) -> list[Path]:
+    """Put the tokenizer of `source` beside the weights in `folder`, so the model written there chats at once.
+
+    `source`: a checkpoint folder (its TOKENIZER_COPY_FILES are copied), a .gguf file (its vocabulary is written as
+    tokenizer.model), or a tokenizer file (copied as tokenizer.model / tokenizer.json). None: nothing (a checkpoint
+    without a tokenizer uses the Llama 3 vocabulary, which herd finds in llama-models and never copies).
+    Returns the files written."""
+    if source is None:
+        return []
+    src, folder, out = Path(source), Path(folder), []
+    if src.is_dir():
+        for name in TOKENIZER_COPY_FILES:
+            f, dst = src / name, folder / name
+            if f.is_file() and not (dst.exists() and os.path.samefile(f, dst)):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, dst)
+                out.append(dst)
+        return out
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such tokenizer file or checkpoint")
+    with open(src, "rb") as f:
+        is_gguf = f.read(4) == b"GGUF"
+    if is_gguf:  # tiktoken ranks; the 256 special tokens follow them as in every Llama 3 vocabulary
+        tok = read_gguf_tokenizer(src)
+        dst = folder / "tokenizer.model"
+        write_tiktoken_bpe({tok.token_bytes(i): i for i in range(tok.n_base)}, dst)
+    else:
+        dst = folder / ("tokenizer.json" if src.suffix == ".json" else "tokenizer.model")
+        if not (dst.exists() and os.path.samefile(src, dst)):
+            shutil.copyfile(src, dst)
+    return [dst]
 
 
 def model_info(path_or_name: str) -> dict:
@@ -106,7 +179,10 @@ def model_info(path_or_name: str) -> dict:
         "head_dim": args.head_dim,
         "ffn_hidden_dim": args.ffn_hidden_dim,
         "parameters": n,
-        "bytes": {"fp32": 4 * n, "bf16": 2 * n, "fp16": 2 * n, "int8": n, "int4": n // 2},
+        # int8 / int4: herd quantize's layouts (scales included; int4 in groups of sizing.INT4_GROUP), as `herd plan`
+        "bytes": {"fp32": 4 * n, "bf16": 2 * n, "fp16": 2 * n, "int8": weight_bytes(args, "int8"),
+                  "int4": weight_bytes(args, "int4")},
+        "int4_group_size": INT4_GROUP,
         "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(args),
         "files": files,
     }

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .checkpoint import META_TO_HF, AtomicDir, CheckpointError, permute_qk, save_hf, save_meta, translate_key
-from .loading import load_model
+from .config import read_json
+from .loading import load_model, make_readable, save_tokenizer, tokenizer_source
 from .model import Transformer
 
 # Meta module names and the HF names PEFT uses for them.
@@ -172,7 +173,7 @@ def save_peft(model: Transformer, out: str | os.PathLike, *, base_model: str | N
     with AtomicDir(out, overwrite=True) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return Path(out)
+    return make_readable(out)
 
 
 def load_peft(model: Transformer, adapter: str | os.PathLike) -> Transformer:
@@ -181,8 +182,8 @@ def load_peft(model: Transformer, adapter: str | os.PathLike) -> Transformer:
 
     folder = Path(adapter)
     try:
-        cfg_json = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        cfg_json = read_json(folder / "adapter_config.json")
+    except (OSError, ValueError) as e:
         raise LoRAError(f"{folder}: cannot read adapter_config.json ({e})") from None
     if cfg_json.get("peft_type") != "LORA":
         raise LoRAError(f"{folder}: peft_type {cfg_json.get('peft_type')!r} is not LORA")
@@ -222,7 +223,8 @@ def load_peft(model: Transformer, adapter: str | os.PathLike) -> Transformer:
 
 def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
                   to: str = "hf", dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
-    """`herd merge-lora BASE ADAPTER OUT`: base checkpoint + PEFT adapter -> merged checkpoint (HF or Meta)."""
+    """`herd merge-lora BASE ADAPTER OUT`: base checkpoint + PEFT adapter -> merged checkpoint (HF or Meta), with the
+    base's tokenizer beside it (a GGUF base's vocabulary as tokenizer.model), so the result chats at once."""
     if to not in ("hf", "meta"):
         raise CheckpointError(f"unknown target layout {to!r} (hf or meta)")
     model = load_model(base)
@@ -232,9 +234,10 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out: str 
     load_peft(model, adapter)
     merge_lora(model)
     target = dtype or base_dtype
-    if to == "hf":
-        return save_hf(model, None, out, dtype=target, overwrite=overwrite)
-    return save_meta(model, None, out, dtype=target, overwrite=overwrite)
+    save = save_hf if to == "hf" else save_meta
+    folder = save(model, None, out, dtype=target, overwrite=overwrite)
+    save_tokenizer(tokenizer_source(base), folder)
+    return make_readable(folder)
 
 
 __all__ = ["LoRAConfig", "LoRALinear", "LoRAError", "apply_lora", "lora_parameters", "lora_state_dict", "merge_lora",

@@ -83,13 +83,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values (after RoPE) indexed by absolute position, one row per sequence slot."""
+    """Preallocated keys/values (after RoPE) indexed by absolute position, one row per sequence slot.
+
+    A cache decides how attention reads it (`attend`); herd.kv_cache.PagedKVCache is the paged form the serving
+    engine uses, with the same methods."""
 
     def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
         super().__init__()
         shape = (batch, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
         # input_pos: (B, T); k, v: (B, T, n_kv, hd) -> cache views (B, n_kv, kv_len, hd)
@@ -98,13 +105,20 @@ class KVCache(nn.Module):
         self.v[rows, :, input_pos] = v.to(self.v.dtype)
         return self.k[: k.shape[0], :, :kv_len], self.v[: k.shape[0], :, :kv_len]
 
+    def attend(self, q, k, v, input_pos, mask, kv_len, pages, sdpa):
+        """Write this step's k, v (B, T, n_kv, hd) at their positions, then q (B, H, T, hd) attends over the first
+        kv_len slots under `mask` (`pages` is the paged cache's; unused here)."""
+        k, v = self.update(input_pos, k, v, kv_len)  # (B, n_kv, S, hd)
+        return sdpa(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                    enable_gqa=k.shape[1] != q.shape[1])
+
 
 # ---- the blocks -------------------------------------------------------------------------------------------
 
 
 class Attention(nn.Module):
     # the attention function, SDPA's signature; code outside the model may set another on an instance (herd's CPU
-    # decode kernel does, in quantize.use_cpu_kernels)
+    # decode kernel does, in kernels.use_cpu_kernels)
     sdpa = staticmethod(F.scaled_dot_product_attention)
 
     def __init__(self, args: ModelArgs):
@@ -116,22 +130,19 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None, kv_len=None):
+    def forward(self, x, cos, sin, input_pos=None, mask=None, kv_len=None, pages=None):
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = q.transpose(1, 2)  # (B, H, T, hd)
-        if self.cache is not None:
-            k, v = self.cache.update(input_pos, k, v, kv_len)  # (B, n_kv, S, hd)
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        else:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
         # GQA: KV head j serves query heads j*n_rep ... (j+1)*n_rep-1, Meta's repeat_kv order.
-        out = self.sdpa(
-            q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if self.cache is not None:
+            out = self.cache.attend(q, k, v, input_pos, mask, kv_len, pages, self.sdpa)
+        else:
+            out = self.sdpa(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                            is_causal=mask is None and seqlen > 1, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -154,8 +165,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None, kv_len=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask, kv_len)
+    def forward(self, x, cos, sin, input_pos=None, mask=None, kv_len=None, pages=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask, kv_len, pages)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -177,6 +188,7 @@ class Transformer(nn.Module):
         mask: torch.Tensor | None = None,
         kv_len: int | None = None,
         logits_idx: torch.Tensor | None = None,
+        pages: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits (float32) for `tokens`.
 
@@ -190,6 +202,8 @@ class Transformer(nn.Module):
             kv_len: number of cache slots to attend over (default: all; T for a prefill without input_pos);
                 decode passes max(position) + 1.
             logits_idx: optional (B, K) indices along T; only those positions go through the output head.
+            pages: for a paged cache (herd.kv_cache): (block_table (B, max_blocks) int32, seq_lens (B,) int32);
+                the cache builds its own masks from them and input_pos.
         Returns:
             (B, T, vocab) or (B, K, vocab) float32 logits.
         """
@@ -201,8 +215,8 @@ class Transformer(nn.Module):
             input_pos = input_pos[None].expand(bsz, seqlen)
         cos, sin = rope_cos_sin(input_pos, rope_frequencies(self.args, tokens.device))
         caching = self.layers[0].attention.cache is not None
-        if caching:
-            kv_len = kv_len or self.layers[0].attention.cache.k.shape[2]
+        if caching and pages is None:
+            kv_len = kv_len or self.layers[0].attention.cache.capacity
             if from_start and mask is None:  # a prefill from position 0: causal over the slots just written
                 kv_len = seqlen
             elif mask is None:
@@ -210,7 +224,7 @@ class Transformer(nn.Module):
                 mask = slots[None, None, None, :] <= input_pos[:, None, :, None]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos if caching else None, mask, kv_len)
+            h = layer(h, cos, sin, input_pos if caching else None, mask, kv_len, pages)
         if logits_idx is not None:
             h = h.gather(1, logits_idx[..., None].expand(-1, -1, h.shape[-1]))
         return self.output(self.norm(h)).float()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelArgs
+from .config import ModelArgs, read_json
 from .kernels import Bf16Linear, cpu_kernels, kernel_ok, pack_int4, restore_linears, rows, swap_linears, unpack_int4
 from .model import Transformer
 from .tokenizer import TOKENIZER_COPY_FILES
@@ -277,8 +277,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
     path = Path(path)
     try:
-        meta = json.loads((path / QUANT_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = read_json(path / QUANT_FILE)
+    except (OSError, ValueError) as e:
         raise QuantizeError(f"cannot read {path / QUANT_FILE}: {e}") from None
     if meta.get("format") != "herd-quant" or meta.get("version") != FORMAT_VERSION:
         raise QuantizeError(f"{path}: not a herd-quant v{FORMAT_VERSION} checkpoint")

@@ -1,8 +1,11 @@
 """Sizing arithmetic: memory, FLOPs and time to serve or train a Llama 3.1 model on given hardware.
 
 Everything here is a formula over the config; the conventions are stated where they are chosen:
-- weight bytes per parameter: bf16 2, fp8 1, int8 1 + one fp16 scale per output row, int4 0.5 + one fp16 scale per
-  group of 128 (herd's and gpt-fast's weight-only layouts);
+- weight bytes (`weight_bytes`, the one definition `herd info` and `herd plan` print): bf16 2 per parameter, fp8 1;
+  int8 and int4 are herd's weight-only layouts (`herd quantize`): every linear layer, the output head included,
+  at 1 byte per weight + one fp32 scale per output row (int8), or 0.5 byte + a bf16 scale and a bf16 minimum per group
+  of `group_size` weights (int4, 128 by default), while the embedding and the norms stay bf16 (a tied model keeps a
+  bf16 embedding beside its quantized head). Sizes print in decimal units (`format_bytes`: 1 GB = 10^9 bytes);
 - KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes per element, per token;
 - FLOPs per token (`flops_per_token`, the one formula `herd plan` and the training MFU use): 2 per weight that
   multiplies an activation (every linear of every block and the output head; not the embedding lookup, which is a
@@ -19,38 +22,51 @@ Everything here is a formula over the config; the conventions are stated where t
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from .config import ModelArgs, get_config, kv_cache_bytes_per_token, num_params
 
 # Dense peak bf16 FLOP/s and memory bandwidth (vendor datasheets: H100 SXM, H200 SXM, A100 SXM 80GB).
 HARDWARE = {
-    "h100": {"flops": 989e12, "bandwidth": 3.35e12, "memory": 80e9},
-    "h200": {"flops": 989e12, "bandwidth": 4.8e12, "memory": 141e9},
-    "a100": {"flops": 312e12, "bandwidth": 2.0e12, "memory": 80e9},
+    "h100": {"name": "NVIDIA H100 SXM", "flops": 989e12, "bandwidth": 3.35e12, "memory": 80e9},
+    "h200": {"name": "NVIDIA H200 SXM", "flops": 989e12, "bandwidth": 4.8e12, "memory": 141e9},
+    "a100": {"name": "NVIDIA A100 SXM", "flops": 312e12, "bandwidth": 2.0e12, "memory": 80e9},
 }
 WEIGHT_DTYPES = ("bf16", "fp8", "int8", "int4")
 KV_BYTES = {"bf16": 2, "fp8": 1, "int8": 1, "int4": 2}  # weight-only int8/int4 keep a bf16 cache
 INT4_GROUP = 128
 
 
-def weight_bytes(args: ModelArgs, dtype: str = "bf16") -> int:
+def weight_bytes(args: ModelArgs, dtype: str = "bf16", group_size: int = INT4_GROUP) -> int:
+    """Bytes of the weights at `dtype` (bf16, fp8, or herd's int8 / int4 layouts: see the module docstring); the
+    int8 / int4 numbers equal the tensors `herd quantize` writes."""
     n = num_params(args)
-    if dtype == "bf16":
+    if dtype in ("bf16", "fp16"):
         return 2 * n
     if dtype == "fp8":
         return n
-    rows = _linear_rows(args)
+    linear = matmul_params(args)
+    float_params = n - linear + (args.vocab_size * args.dim if args.tie_embeddings else 0)
     if dtype == "int8":
-        return n + 2 * rows
+        return linear + 4 * _linear_rows(args) + 2 * float_params
     if dtype == "int4":
-        return n // 2 + 2 * (n // INT4_GROUP)
+        return linear // 2 + 2 * 2 * (linear // group_size) + 2 * float_params
     raise ValueError(f"unknown dtype {dtype!r} ({', '.join(WEIGHT_DTYPES)})")
+
+
+def format_bytes(n: float) -> str:
+    """A size in decimal units (1 kB = 1000 bytes, 1 GB = 10^9), the unit every herd command prints sizes in."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} TB"
 
 
 def _linear_rows(args: ModelArgs) -> int:
     per_layer = args.dim + 2 * args.n_kv_heads * args.head_dim + args.dim + 2 * args.ffn_hidden_dim + args.dim
-    return args.n_layers * per_layer + args.vocab_size * (1 if args.tie_embeddings else 2)
+    return args.n_layers * per_layer + args.vocab_size  # + the output head (the embedding is no linear)
 
 
 def matmul_params(args: ModelArgs) -> int:
@@ -98,6 +114,9 @@ class Plan:
     decode_tok_s_upper_bound: float  # memory-bandwidth roofline for one sequence at full context
     flops_per_token_train: float
     flops_per_token_forward: float
+    hardware: str = "h100"
+    serve_gpus: int = 1  # tp x pp
+    serve_bytes_total: float = 0.0  # weights + KV cache
     train: dict | None = None
 
 
@@ -138,6 +157,7 @@ def plan(
         decode_tok_s_upper_bound=hw["bandwidth"] * serve_gpus / per_token_read,
         flops_per_token_train=flops_per_token(args, seq_len),
         flops_per_token_forward=flops_per_token(args, seq_len, train=False),
+        hardware=hardware, serve_gpus=serve_gpus, serve_bytes_total=wb + kv_total,
     )
     if train:
         result.train = _train_plan(args, seq_len, gpus, tp, pp, hw, mfu, tokens, total_flops, micro_batch)
@@ -175,17 +195,32 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _gb(x: float) -> str:
-    return f"{x / 1e9:,.1f} GB"
+_gb = format_bytes
+
+
+def serving_gpus(p: Plan) -> int:
+    """GPUs of p.hardware that weights + KV cache need, counted by memory alone (no room left for activations)."""
+    return max(1, math.ceil(p.serve_bytes_total / HARDWARE[p.hardware]["memory"]))
 
 
 def format_plan(p: Plan) -> str:
+    hw = HARDWARE[p.hardware]
+    need, fits = serving_gpus(p), p.serve_bytes_per_gpu <= hw["memory"]
+    if need == 1:
+        verdict = f"fits one {hw['name']} ({_gb(hw['memory'])})"
+    else:
+        n = 1 << (need - 1).bit_length()  # tensor parallelism within an 8-GPU node, pipeline stages across nodes
+        layout = f"--tp {n}" if n <= 8 else f"--tp 8 --pp {n // 8}"
+        verdict = (f"needs {need} x {hw['name']} ({_gb(hw['memory'])} each) for weights + KV cache, e.g. {layout}"
+                   + ("" if fits else f"; on {p.serve_gpus} it does not fit"))
     lines = [
         f"model                {p.model}: {p.parameters:,} parameters",
-        f"weights ({p.dtype:>4})       {_gb(p.weight_bytes)}",
-        f"KV cache             {p.kv_bytes_per_token / 1024:,.0f} KiB/token; {_gb(p.kv_bytes_at_seq_len)} at "
+        f"GPU                  {hw['name']}, {_gb(hw['memory'])}, {hw['flops'] / 1e12:,.0f} TFLOP/s bf16, "
+        f"{hw['bandwidth'] / 1e12:,.2f} TB/s (--hardware {p.hardware})",
+        f"weights ({p.dtype:>4})       {_gb(p.weight_bytes)}" + (" (int4: groups of 128)" if p.dtype == "int4" else ""),
+        f"KV cache             {_gb(p.kv_bytes_per_token)}/token; {_gb(p.kv_bytes_at_seq_len)} at "
         f"{p.seq_len:,} tokens x batch {p.batch}",
-        f"serving memory/GPU   {_gb(p.serve_bytes_per_gpu)}",
+        f"serving memory/GPU   {_gb(p.serve_bytes_per_gpu)} over {p.serve_gpus} GPU(s): {verdict}",
         f"decode upper bound   {p.decode_tok_s_upper_bound:,.1f} tok/s per sequence at full context (bandwidth roofline)",
         f"FLOPs/token          {p.flops_per_token_train:.3e} train (6N + 12 L d s), {p.flops_per_token_forward:.3e} forward",
     ]

@@ -12,13 +12,14 @@ import base64
 import codecs
 import functools
 import importlib.util
-import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import tiktoken
+
+from .config import parse_json
 
 # Meta's pre-tokenization regex (identical in llama3 and llama-models); needs \p{..}, which tiktoken's engine has.
 LLAMA3_PATTERN = (
@@ -353,8 +354,8 @@ def read_hf_tokenizer_json(path: str | os.PathLike) -> tuple[dict[bytes, int], l
     """
     path = Path(path)
     try:
-        doc = json.loads(_read_capped(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = parse_json(_read_capped(path).decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE":

@@ -38,7 +38,12 @@ def test_chat_equals_llm_chat(client, oracle):
     assert choice["message"] == {"role": "assistant", "content": want}
     assert choice["finish_reason"] == stream.result.completion.finish_reason
     n_prompt = len(oracle.chat_format.encode_dialog_prompt(USER))
-    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 12, "total_tokens": n_prompt + 12}
+    cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]  # 0, or whole blocks if an earlier test sent it
+    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 12, "total_tokens": n_prompt + 12,
+                             "prompt_tokens_details": {"cached_tokens": cached}}
+    again = chat(client).json()  # the same prompt again: its whole blocks come from the prefix cache
+    assert again["choices"][0]["message"] == choice["message"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == (n_prompt - 1) // 16 * 16 > 0
 
     with client.stream("POST", "/v1/chat/completions", json={"model": MODEL, "messages": USER, "temperature": 0,
                        "max_tokens": 12, "stream": True, "stream_options": {"include_usage": True}}) as r:
@@ -120,7 +125,9 @@ def test_ollama_chat_and_generate(client, oracle):
     assert "".join(x["message"]["content"] for x in lines) == want
     last = lines[-1]
     assert last["done_reason"] == "length" and last["eval_count"] == 8
-    assert last["prompt_eval_count"] == len(oracle.chat_format.encode_dialog_prompt(USER))
+    n_prompt = len(oracle.chat_format.encode_dialog_prompt(USER))
+    # Ollama's prompt_eval_count counts the tokens evaluated: an earlier test may have left USER's blocks cached
+    assert last["prompt_eval_count"] in (n_prompt, n_prompt - (n_prompt - 1) // 16 * 16)
 
     raw = client.post("/api/generate", json={"model": f"{MODEL}:latest", "prompt": "Hello there", "raw": True,
                                              "stream": False, "options": opts}).json()
@@ -135,6 +142,24 @@ def test_ollama_chat_and_generate(client, oracle):
     turn = cf.encode_message({"role": "user", "content": "More"}) + cf.encode_header("assistant")
     assert follow["context"][: -8] == ctx_ids + [oracle.tokenizer.eot_id] + turn
     assert client.post("/api/generate", json={"model": MODEL}).json()["done_reason"] == "load"
+
+
+def test_prefix_cache_is_reported_by_both_apis(client, oracle):
+    """A prompt sent twice: the second time its whole 16-token blocks come from the prefix cache, which OpenAI's
+    usage.prompt_tokens_details.cached_tokens and Ollama's prompt_eval_count (tokens evaluated) report; the
+    reply is the same."""
+    opts = {"temperature": 0, "num_predict": 6}
+    prompt = "The prefix cache test: " + " ".join(f"w{i}" for i in range(40))
+    n = len(oracle.chat_format.encode_dialog_prompt([{"role": "user", "content": prompt}]))
+    a = client.post("/api/generate", json={"model": MODEL, "prompt": prompt, "stream": False, "options": opts}).json()
+    b = client.post("/api/generate", json={"model": MODEL, "prompt": prompt, "stream": False, "options": opts}).json()
+    assert (a["prompt_eval_count"], b["prompt_eval_count"]) == (n, n - (n - 1) // 16 * 16)
+    assert a["response"] == b["response"]
+    msgs = [{"role": "user", "content": prompt}]
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 6,
+                                                  "temperature": 0}).json()
+    assert r["usage"]["prompt_tokens"] == n and r["usage"]["prompt_tokens_details"]["cached_tokens"] == (n - 1) // 16 * 16
+    assert r["choices"][0]["message"]["content"] == a["response"]
 
 
 def test_special_token_text_cannot_forge_a_turn(client, oracle):
@@ -155,7 +180,8 @@ def test_special_token_text_cannot_forge_a_turn(client, oracle):
 def test_disconnect_frees_the_row(client, server):
     eng, metrics = server.ctx.engine, server.ctx.metrics
     aborted = metrics.requests.get(endpoint="chat", finish="abort")
-    body = {"model": MODEL, "messages": USER, "max_tokens": 400, "stream": True}
+    no_stop = {str(t): -100 for t in server.ctx.tokenizer.stop_tokens}  # sampled text never ends the reply early
+    body = {"model": MODEL, "messages": USER, "max_tokens": 400, "stream": True, "logit_bias": no_stop}
     # the gate lets 40 model calls run: enough for the first text, far from the 400 tokens, so the request is surely
     # still running when the client goes away
     with gated_steps(eng, allow=40) as gate:
@@ -263,7 +289,8 @@ def test_cli_serve_prints_examples_and_stops_on_sigterm(tmp_path):
         port = s.getsockname()[1]
     log = open(tmp_path / "stderr.txt", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "herd", "serve", "--model", MODEL, "--random-weights", "--dtype",
-                             "fp32", "--port", str(port), "--max-seq-len", "512", "--shutdown-timeout", "1"],
+                             "fp32", "--port", str(port), "--max-seq-len", "512", "--shutdown-timeout", "1",
+                             "--no-compile"],
                             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "HERD_API_KEY": ""})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -311,3 +338,8 @@ def test_cli_serve_loads_a_checkpoint(tmp_path, monkeypatch):
                  "--max-seq-len", "256", "--api-key", "k"]) == 0
     assert seen["model_name"] == "my-model" and seen["max_batch"] == 3 and seen["api_key"] == "k"
     assert seen["model_info"]["format"] == "safetensors" and seen["llm"].model.args.vocab_size == 128256
+    # the fast path is the default: a compiled decode step, prefix caching, a KV pool sized from free memory
+    assert seen["compile"] is True and seen["prefix_cache"] is True and seen["kv_cache_gb"] is None
+    assert main(["serve", "--model", str(tmp_path / "my-model"), "--eager", "--no-prefix-cache",
+                 "--kv-cache-gb", "0.5"]) == 0
+    assert seen["compile"] is False and seen["prefix_cache"] is False and seen["kv_cache_gb"] == 0.5

@@ -5,9 +5,9 @@ import threading
 
 import pytest
 
-from herd.generate import ContextLengthError
+from herd.engine import ContextLengthError, GenRequest
 from herd.sampling import SamplingParams
-from herd.serve.engine import BatchEngine, GenRequest, QueueFullError
+from herd.serve.engine import BatchEngine, QueueFullError
 
 from serve_utils import gated_steps, make_llm
 

@@ -71,6 +71,23 @@ BAD_CHAT = [
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": "x" * (1 << 20)}, None),
     ({"logit_bias": {"999999": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    # str.isdigit() is True for these, int() fails or they are not token ids: 400, never 500
+    ({"logit_bias": {"\u00b2": 1}}, "logit_bias"), ({"logit_bias": {"\u0663": 1}}, "logit_bias"),
+    ({"logit_bias": {"1" * 5000: 1}}, "logit_bias"), ({"logit_bias": {"": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"logit_bias": {"+5": 1}}, "logit_bias"),
+    ({"logit_bias": {" 5": 1}}, "logit_bias"), ({"logit_bias": {"0" * 10 + "5": 1}}, "logit_bias"),
+    # tool-call arguments are JSON inside a string: the same limits as the body
+    ({"messages": [*MSGS, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[" * 20_000 + "]" * 20_000}}]}]},
+     "messages"),
+    ({"messages": [*MSGS, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"n": ' + "7" * 5000 + "}"}}]}]},
+     "messages"),
+    ({"messages": [*MSGS, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"n": NaN}'}}]}]}, "messages"),
+    ({"messages": [*MSGS, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"n": 1'}}]}]}, "messages"),
+    ({"tool_choice": "auto"}, "tool_choice"), ({"tool_choice": "none"}, "tool_choice"),  # without tools, as OpenAI
     ({"tools": [{"type": "function"}]}, "tools"), ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]},
                                                    "tools"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": nested(40)}}]}, None),
@@ -103,7 +120,10 @@ def test_unknown_model_route_and_method(client):
     err = assert_openai_error(client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": MSGS}), 404,
                               "model")
     assert err["code"] == "model_not_found"
-    assert_openai_error(client.get("/v1/chat/completions"), 405)
+    r = client.get("/v1/chat/completions")
+    assert_openai_error(r, 405)
+    assert r.headers["allow"] == "POST"  # RFC 9110: a 405 names the methods that are allowed
+    assert client.post("/health").headers["allow"] == "GET"
     assert_openai_error(client.get("/v1/nothing-here"), 404)
     still_serving(client)
 
@@ -117,6 +137,9 @@ def test_unknown_model_route_and_method(client):
     ("/api/generate", {"model": MODEL, "prompt": "x", "context": [-5]}),
     ("/api/generate", {"model": MODEL, "prompt": "x", "template": "{{ .Prompt }}"}),
     ("/api/chat", {"model": "llama3.1:8b", "messages": MSGS}),
+    # the OpenAI API's stop caps apply here too (common.MAX_STOP_STRINGS / MAX_STOP_CHARS)
+    ("/api/chat", {"model": MODEL, "messages": MSGS, "options": {"stop": ["a", "b", "c", "d", "e"]}}),
+    ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"stop": ["x" * 513]}}),
 ])
 def test_ollama_errors_use_ollamas_body(client, path, body):
     r = client.post(path, json=body)
@@ -191,6 +214,33 @@ def test_api_key(monkeypatch):
         assert r.status_code == 200
 
 
+def test_stop_caps_are_the_same_on_both_apis(client):
+    from herd.serve.common import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    ok = ["x" * MAX_STOP_CHARS] + ["y"] * (MAX_STOP_STRINGS - 1)
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "max_tokens": 2, "stop": ok})
+    assert r.status_code == 200
+    r = client.post("/api/chat", json={"model": MODEL, "messages": MSGS, "stream": False,
+                                       "options": {"stop": ok, "num_predict": 2}})
+    assert r.status_code == 200
+    for bad in (ok + ["z"], ["x" * (MAX_STOP_CHARS + 1)]):
+        assert_openai_error(client.post("/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "stop": bad}),
+                            400, "stop")
+        r = client.post("/api/chat", json={"model": MODEL, "messages": MSGS, "options": {"stop": bad}})
+        assert r.status_code == 400 and "stop" in r.json()["error"]
+
+
+def test_api_key_that_no_client_can_send_is_refused_at_start(capsys):
+    for bad in ("\u043a\u043b\u044e\u0447", "caf\u00e9", "two words", "tab\tkey", ""):
+        with pytest.raises(ValueError, match="printable ASCII"):
+            check_bind("127.0.0.1", bad or "x\x00", False)
+        with pytest.raises(ValueError, match="printable ASCII"):
+            security.Guard(None, api_key=bad or "\x7f", loopback_bind=True)
+    assert main(["serve", "--model", MODEL, "--random-weights", "--api-key", "\u043a\u043b\u044e\u0447"]) == 2
+    err = capsys.readouterr().err
+    assert "printable ASCII" in err and "Traceback" not in err
+
+
 def test_bind_policy_and_cli_flags(capsys):
     check_bind("127.0.0.1", None, False)
     check_bind("::1", None, False)
@@ -202,7 +252,8 @@ def test_bind_policy_and_cli_flags(capsys):
     assert "without an API key" in capsys.readouterr().err
     assert main(["serve", "--random-weights"]) == 2 and "--model" in capsys.readouterr().err
     assert main(["serve", "--model", "not-a-config", "--random-weights"]) == 2
-    for bad in (["--port", "0"], ["--port", "70000"], ["--max-batch", "0"], ["--max-seq-len", "-1"]):
+    for bad in (["--port", "0"], ["--port", "70000"], ["--max-batch", "0"], ["--max-seq-len", "-1"],
+                ["--max-connections", "0"], ["--read-timeout", "0"], ["--timeout-keep-alive", "-1"]):
         with pytest.raises(SystemExit) as e:
             main(["serve", "--model", MODEL, "--random-weights", *bad])
         assert e.value.code == 2

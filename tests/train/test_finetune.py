@@ -362,3 +362,64 @@ def test_format_setting_accepts_only_its_kind_of_record(tmp_path):
     with pytest.raises(DataError, match=r"mixed.jsonl:1: .*the format is alpaca"):
         load_sft([f], chat, 96, fmt="alpaca")
     assert load_sft([f], chat, 96, fmt="alpaca", policy="skip")[1].skipped["invalid dialog"] == 1
+
+
+# ---- fine-tuning the bundled model the first time (issue 21) ---------------------------------------------------
+
+
+def documented_command(doc: str, marker: str) -> list[str]:
+    """The `herd ...` command on the line after `marker` in a docs file, as argv (without `herd`)."""
+    import shlex
+
+    lines = (ROOT / "docs" / doc).read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if marker in line)
+    cmd = next(line for line in lines[at:] if line.startswith("herd "))
+    return shlex.split(cmd.split("#")[0])[1:]
+
+
+def test_the_documented_first_fine_tune_runs_as_written(tmp_path, monkeypatch, capsys):
+    """docs/finetuning.md's worked example on the bundled model and the shipped 10-line JSONL: no model name, no
+    tokenizer, nothing to lower; the merged model carries the bundled tokenizer and chats at once."""
+    import herd
+
+    argv = documented_command("finetuning.md", "<!-- first fine-tune")
+    assert argv == ["finetune", "--config", "configs/default-lora-demo.yaml"]
+    assert len((ROOT / "data" / "sft-demo" / "herd-persona.jsonl").read_text().splitlines()) == 10
+    monkeypatch.chdir(ROOT)  # the command runs from the repository root
+    run = tmp_path / "demo"
+    assert main(argv + [f"run_dir={run}", "train.steps=2"]) == 0
+    capsys.readouterr()
+    hf = run / "hf"
+    assert (hf / "tokenizer.model").read_bytes() == (ROOT / "src/herd/assets/default/tokenizer.model").read_bytes()
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in hf.iterdir())  # readable like config.json
+    llm = herd.load(hf, dtype="float32")
+    reply = llm.chat([{"role": "user", "content": "Who art thou?"}], max_new_tokens=8, temperature=0)
+    assert reply.message.role == "assistant"
+    written = (run / "settings.yaml").read_text()
+    assert "name: null" in written and "assets/default" in written.split("tokenizer:")[1].splitlines()[0]
+
+
+def test_a_data_set_too_small_for_one_batch_says_what_to_lower(tmp_path, base, capsys):
+    argv = ["finetune", "--config", str(CONFIG), f"run_dir={tmp_path / 'r'}", f"model.init_from={base}",
+            f"data.paths=[{ROOT / 'data' / 'sft-demo' / 'herd-persona.jsonl'}]", "train.batch_size=16",
+            "train.micro_batch=16", "data.val_fraction=0.1", "log.progress=false"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for hint in ("train.batch_size=", "train.micro_batch=", "data.seq_len", "data.val_fraction=0", "holding out 1"):
+        assert hint in err, (hint, err)
+
+
+def test_text_files_train_every_token_beside_dialogs(tmp_path, base):
+    """.txt files in data.paths are plain text (loss on every token, windows of seq_len); the held-out split is drawn
+    from the dialogs only."""
+    text = tmp_path / "prose.txt"
+    text.write_text("Once upon a time there was a llama. " * 40)
+    s = settings(tmp_path, f"data.paths=[{DIALOGS},{text}]", "data.val_fraction=0.1", base=base)
+    _, val_ds, tok = finetune.prepare_data(s, None, 0, 1, lambda *_: None)
+    ids = tok.encode(text.read_text(), bos=True, eos=True)
+    windows, n = finetune.text_samples([text], tok, 96)
+    assert n == len(ids) - 1 and len(windows) == -(-(len(ids) - 1) // 96)
+    assert [i for w in windows for i in w[0][1:]] == ids[1:]  # every token after the first is a target once
+    assert all(all(mask) for _, mask in windows)
+    held_out = [ids for row in val_ds.rows for ids, _ in row]
+    assert held_out and not any(ids in held_out for ids, _ in windows)  # only dialogs are held out

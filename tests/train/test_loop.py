@@ -152,3 +152,34 @@ def test_cli_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, capsys, ar
     assert main(["pretrain", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("herd pretrain: error: ") and message in err[0], err
+
+
+def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
+    from herd.train import metrics as metrics_module
+    from herd.train.metrics import Metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = "".join(json.dumps({"step": i, "loss": 1.0 / i}) + "\n" for i in range(1, 7))
+    path.write_text(rows + '{"step": 7, "lo')  # a line cut by a kill
+    # killed while rewriting: the write of the new file happens, the rename never does -> the old file is intact
+    class Killed(BaseException):
+        pass
+
+    monkeypatch.setattr(metrics_module.os, "replace", lambda *a: (_ for _ in ()).throw(Killed()))  # os itself
+    with pytest.raises(Killed):
+        Metrics(tmp_path, enabled=True, tensorboard=False, resume_step=4)
+    assert path.read_text() == rows + '{"step": 7, "lo'
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temp file left behind
+    monkeypatch.undo()
+    m = Metrics(tmp_path, enabled=True, tensorboard=False, resume_step=4)
+    m.log(5, loss=0.5)
+    m.close()
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_read_metrics_bounds_nesting(tmp_path):
+    from herd.train.metrics import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: too deeply nested"):
+        read_metrics(tmp_path)

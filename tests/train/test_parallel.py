@@ -82,6 +82,71 @@ def test_two_rank_run_matches_one_process(one_process, layout):
     assert resumed.val_loss == pytest.approx(ref.val_loss, rel=1e-5)
 
 
+def _eval_setup(tmp, sequences: int, micro_batch: int):
+    """A tiny model, 9 held-out sequences (some labels ignored) and settings asking for `sequences` of them."""
+    import numpy as np
+
+    from herd.train.pretrain import causal_lm_loss
+
+    s = tiny_settings(tmp, f"eval.sequences={sequences}", f"train.micro_batch={micro_batch}")
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny"))
+    model.init_weights()
+    r = np.random.default_rng(0)
+    val = []
+    for i in range(9):
+        ids = r.integers(0, 512, 33)
+        labels = ids[1:].copy()
+        labels[: 3 * i] = -100  # rows with different numbers of counted tokens
+        val.append((ids[:-1], labels))
+    return s, model, val, causal_lm_loss
+
+
+def _eval_worker(rank: int, world: int, tmp: str, sequences: int, micro_batch: int):
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from herd.train.loop import evaluate
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
+    try:
+        s, model, val, loss_fn = _eval_setup(Path(tmp), sequences, micro_batch)
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+        parallel.apply_fsdp(model, mesh)  # FSDP: every rank must run the same number of forwards, or it hangs
+        got = evaluate(model, val, s, torch.device("cpu"), rank, world, mesh.get_group(), nullcontext(), loss_fn)
+        (Path(tmp) / f"loss{rank}").write_text(repr(got))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sequences, micro_batch", [(7, 1), (5, 2), (1, 1)])
+def test_held_out_loss_on_two_ranks_equals_one_process(tmp_path, sequences, micro_batch):
+    """The held-out set is the first eval.sequences sequences whatever the number of ranks: an odd count is not
+    cut to an even one (a rank short of a sequence runs a masked dummy that adds zero loss and zero tokens)."""
+    from contextlib import nullcontext
+
+    from herd.train.loop import evaluate
+
+    s, model, val, loss_fn = _eval_setup(tmp_path, sequences, micro_batch)
+    want = evaluate(model, val, s, torch.device("cpu"), 0, 1, None, nullcontext(), loss_fn)
+    mp.spawn(_eval_worker, args=(2, str(tmp_path), sequences, micro_batch), nprocs=2, join=True)
+    got = [float((tmp_path / f"loss{r}").read_text()) for r in range(2)]
+    assert got[0] == got[1]
+    if micro_batch == 1:  # the same per-sequence float32 sums, added exactly in float64: bit-equal
+        assert got[0] == want
+    else:  # micro-batches group other sequences on 2 ranks: float32 summation order differs
+        assert got[0] == pytest.approx(want, rel=1e-6)
+    # and it is not the mean over an even number of them (what `n -= n % dp` used to give)
+    if sequences > 1:
+        fewer = evaluate(model, val, tiny_settings(tmp_path, f"eval.sequences={sequences - 1}",
+                                                   f"train.micro_batch={micro_batch}"),
+                         torch.device("cpu"), 0, 1, None, nullcontext(), loss_fn)
+        assert abs(fewer - want) > 1e-4
+
+
 def test_build_mesh_rejects_bad_layouts():
     env = parallel.DistEnv(0, 1, 0, torch.device("cpu"))
     with pytest.raises(ValueError, match="needs 2 processes"):

@@ -169,3 +169,24 @@ def test_packed_rows_never_exceed_seq_len(chat):
         assert len(inputs) == 64
         covered += int((positions == 0).sum()) if j < len(ds) else 0
     assert covered >= 50  # every dialog starts a fresh position run
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "too deeply nested"),
+    ('{"messages": [{"role": "user", "content": "a"}], "n": ' + "7" * 5000 + "}", "more than 100 digits"),
+    ('{"messages": [{"role": "user", "content": 1e999}]}', "out of range"),
+])
+def test_hostile_records_are_located_errors_or_skipped(chat, tmp_path, line, reason):
+    good = json.dumps({"messages": DIALOG[1:3]})
+    f = _write(tmp_path / "d.jsonl", [good, good, line, good])
+    with pytest.raises(DataError, match=rf"d.jsonl:3: .*{reason}"):
+        load_sft([f], chat, seq_len=128)
+    _, stats = load_sft([f], chat, seq_len=128, policy="skip")  # RecursionError used to escape even here
+    assert stats.samples == 3 and sum(stats.skipped.values()) == 1
+
+
+def test_deeply_nested_json_file_is_a_located_error(chat, tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text("[\n" + json.dumps({"messages": DIALOG[1:3]}) + ",\n" + "[" * 100_000 + "]" * 100_000 + "\n]")
+    with pytest.raises(DataError, match=r"d.json:3: too deeply nested"):
+        load_sft([f], chat, seq_len=128)

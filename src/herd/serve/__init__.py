@@ -9,6 +9,7 @@ static/index.html (the playground). See docs/serving.md.
 """
 
 from .app import ServerThread, create_app, run
-from .engine import BatchEngine, Event, GenRequest, Handle
+from ..engine import Event, GenRequest
+from .engine import BatchEngine, Handle
 
 __all__ = ["BatchEngine", "Event", "GenRequest", "Handle", "ServerThread", "create_app", "run"]

@@ -6,25 +6,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from ..chat_format import ChatFormat, DialogError, ToolCall, split_tools
-from ..generate import ContextLengthError
-from .engine import BatchEngine, EngineClosedError, Event, GenRequest, Handle, QueueFullError
+from ..config import JSONError, parse_json
+from ..engine import ContextLengthError, Event, GenRequest
+from .engine import BatchEngine, EngineClosedError, Handle, QueueFullError
 from .metrics import ServerMetrics
 from .security import BodyTooLarge, error_payload, read_body
 
 log = logging.getLogger("herd.serve")
 MAX_JSON_DEPTH = 64
+# Stop strings, the same caps on both APIs (OpenAI's documented ones: up to 4 strings of at most 512 characters).
+# The engine scans each generated token against them (generate.StopStrings: linear in the new text x stops).
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 512
+StopStr = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
+MAX_JSON_STRING_BYTES = 1 << 20  # JSON carried inside a string field (tool-call arguments)
+MAX_TOKEN_ID_DIGITS = 9  # a logit_bias key: ASCII digits only (str.isdigit() also accepts "²" and "٣")
 
 
 class StrictModel(BaseModel):
@@ -88,38 +97,44 @@ class SafeRoute(APIRoute):
         return safe
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
+def parse_untrusted_json(text: str | bytes, what: str, *, param: str | None = None, code: str = "invalid_json",
+                         max_bytes: int | None = MAX_JSON_STRING_BYTES):
+    """The one parser for JSON the server receives, the body and JSON inside its strings (tool-call arguments):
+    UTF-8, at most `max_bytes`, strict (no NaN / Infinity), nested at most MAX_JSON_DEPTH levels (checked before
+    parsing: no RecursionError), numbers of at most 100 digits. Any failure is a 400 naming `what`."""
+    if max_bytes is not None and len(text) > max_bytes:
+        raise APIError(400, f"{what} is over {max_bytes} bytes", param=param, code=code)
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return parse_json(text, max_depth=MAX_JSON_DEPTH)
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"{what} is not valid UTF-8 (byte {e.start})", param=param, code=code) from None
+    except JSONError as e:
+        where = f" (line {e.line})" if e.line and e.line > 1 else ""
+        raise APIError(400, f"{what} is not valid JSON: {e.reason[:200]}{where}", param=param, code=code) from None
 
 
-def _depth(obj) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, stack = 0, [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        deepest = max(deepest, d)
-        if isinstance(o, dict):
-            stack += [(v, d + 1) for v in o.values()]
-        elif isinstance(o, list):
-            stack += [(v, d + 1) for v in o]
-    return deepest
+def parse_token_id(key: str, vocab: int, param: str) -> int:
+    """A token id given as a string (a logit_bias key): ASCII digits only, at most MAX_TOKEN_ID_DIGITS, < vocab."""
+    if not (0 < len(key) <= MAX_TOKEN_ID_DIGITS and key.isascii() and key.isdigit()) or int(key) >= vocab:
+        raise APIError(400, f"{param} key {key[:20]!r} is not a token id in [0, {vocab})", param=param,
+                       code="invalid_value")
+    return int(key)
 
 
 async def parse_body(request, ctx: ServeContext, schema: type[BaseModel]):
-    """Read (capped), parse (strict JSON: no NaN/Infinity), and validate a JSON object body into `schema`."""
+    """Read (capped), parse (parse_untrusted_json), and validate a JSON object body into `schema`."""
     try:
         raw = await read_body(request, ctx.max_body_bytes)
     except BodyTooLarge as e:
         raise APIError(413, str(e), code="body_too_large") from None
-    try:
-        obj = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        msg = str(e) if not isinstance(e, RecursionError) else "nested too deeply"
-        raise APIError(400, f"request body is not valid JSON: {msg[:200]}", code="invalid_json") from None
+    except ClientDisconnect:  # the client went away mid-upload: one line, no traceback, nobody to answer
+        log.info("client disconnected while sending the body of %s %s", request.method, request.url.path)
+        raise APIError(400, "the client disconnected", code="client_disconnected") from None
+    obj = parse_untrusted_json(raw, "request body", max_bytes=None)
     if not isinstance(obj, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
-    if _depth(obj) > MAX_JSON_DEPTH:
-        raise APIError(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json")
     try:
         return schema.model_validate(obj)
     except ValidationError as e:
@@ -289,8 +304,8 @@ class ChatAssembler:
                 self.ids.append(ev.token)
         if ev.finish is not None:
             self.finish = ev.finish
-            if ev.finish == "error" or ev.error:
-                self.error = ev
+            if ev.finish == "error" or (ev.error and ev.error_code != "shutdown"):
+                self.error = ev  # (a request cut by the server's shutdown ends normally, with finish "abort")
         if self.mode == "text":
             return ev.text
         self.held += ev.text

@@ -79,7 +79,13 @@ class ServerMetrics:
     def __init__(self):
         self.running = Gauge("herd:num_requests_running", "Requests in a KV-cache row (prefilling or decoding).")
         self.waiting = Gauge("herd:num_requests_waiting", "Requests queued for a KV-cache row.")
-        self.slots = Gauge("herd:kv_cache_rows", "KV-cache rows (the most requests generating at once).")
+        self.slots = Gauge("herd:max_batch", "Sequences decoded together at most.")
+        self.kv_blocks_total = Gauge("herd:kv_blocks_total", "Blocks in the paged KV pool.")
+        self.kv_blocks_used = Gauge("herd:kv_blocks_used", "KV blocks held by running requests.")
+        self.kv_blocks_cached = Gauge("herd:kv_blocks_cached", "Free KV blocks that still hold a reusable prefix.")
+        self.kv_block_bytes = Gauge("herd:kv_block_bytes", "Bytes of one KV block across all layers.")
+        self.cached_prompt_tokens = Counter("herd:prefix_cache_hit_tokens_total",
+                                            "Prompt tokens whose keys/values came from the prefix cache.")
         self.requests = Counter("herd:requests_total", "Finished HTTP generation requests by endpoint and outcome.")
         self.prompt_tokens = Counter("herd:prompt_tokens_total", "Prompt tokens prefilled.")
         self.generation_tokens = Counter("herd:generation_tokens_total", "Tokens generated.")
@@ -90,6 +96,7 @@ class ServerMetrics:
                              [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300])
 
     def render(self) -> str:
-        parts = [self.running, self.waiting, self.slots, self.requests, self.rejected, self.prompt_tokens,
-                 self.generation_tokens, self.ttft, self.e2e]
+        parts = [self.running, self.waiting, self.slots, self.kv_blocks_total, self.kv_blocks_used,
+                 self.kv_blocks_cached, self.kv_block_bytes, self.requests, self.rejected, self.prompt_tokens,
+                 self.cached_prompt_tokens, self.generation_tokens, self.ttft, self.e2e]
         return "\n".join(line for m in parts for line in m.render()) + "\n"

@@ -20,11 +20,11 @@ from starlette.responses import JSONResponse
 from .. import __version__
 from ..sampling import GenerationError, SamplingParams
 from .common import (
-    APIError, ChatAssembler, SafeRoute, ServeContext, StreamResponse, StrictModel, check_model, collect, encode_chat,
-    merged,
-    parse_body, submit, tokens_for_request,
+    MAX_STOP_STRINGS, APIError, ChatAssembler, SafeRoute, ServeContext, StopStr, StreamResponse, StrictModel,
+    check_model, collect, encode_chat, merged, parse_body, submit, tokens_for_request,
 )
-from .engine import Event, GenRequest, Handle
+from ..engine import Event, GenRequest
+from .engine import Handle
 from .openai import ToolDef
 
 router = APIRouter(route_class=SafeRoute)
@@ -36,7 +36,7 @@ class Options(StrictModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
     num_predict: int | None = Field(None, ge=-2)
-    stop: list[str] | None = Field(None, max_length=16)
+    stop: list[StopStr] | None = Field(None, max_length=MAX_STOP_STRINGS)  # the OpenAI API's caps
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     repeat_penalty: float | None = Field(None, gt=0, le=10)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -125,7 +125,7 @@ def _final(ctx: ServeContext, handle: Handle, finish: str) -> dict:
     end = handle.finished_at or time.perf_counter()
     first = handle.first_token_at or end
     return {"done": True, "done_reason": finish, "total_duration": _ns(end - handle.submitted_at),
-            "load_duration": 0, "prompt_eval_count": handle.prompt_tokens,
+            "load_duration": 0, "prompt_eval_count": handle.prompt_tokens - handle.cached_tokens,  # as Ollama: evaluated
             "prompt_eval_duration": _ns(first - handle.submitted_at), "eval_count": handle.n_generated,
             "eval_duration": _ns(end - first)}
 

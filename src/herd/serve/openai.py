@@ -1,8 +1,9 @@
 """OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models (schemas, then handlers).
 
 Field bounds follow OpenAI's API reference (temperature 0..2, top_p (0, 1], penalties -2..2, logit_bias -100..100,
-at most 4 stop strings, top_logprobs 0..20). Unset sampling fields take Meta's Llama 3.1 defaults (temperature
-0.6, top_p 0.9), as vLLM does from the model's generation_config. herd extras: top_k, min_p, repetition_penalty.
+at most 4 stop strings of 512 characters (common.MAX_STOP_*, the Ollama API's too), top_logprobs 0..20). Unset
+sampling fields take Meta's Llama 3.1 defaults (temperature 0.6, top_p 0.9), as vLLM does from the model's
+generation_config. herd extras: top_k, min_p, repetition_penalty.
 """
 
 from __future__ import annotations
@@ -13,20 +14,19 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import Field, StringConstraints
+from pydantic import Field
 from starlette.responses import JSONResponse
 
 from ..sampling import GenerationError, SamplingParams
 from .common import (
-    APIError, ChatAssembler, SafeRoute, ServeContext, StreamResponse, StrictModel, check_model, collect, encode_chat,
-    merged,
-    parse_body, submit, token_text, tokens_for_request,
+    MAX_STOP_STRINGS, APIError, ChatAssembler, SafeRoute, ServeContext, StopStr, StreamResponse, StrictModel,
+    check_model, collect, encode_chat, merged, parse_body, parse_token_id, parse_untrusted_json, submit, token_text,
+    tokens_for_request,
 )
-from .engine import Event, GenRequest
+from ..engine import Event, GenRequest
 
 router = APIRouter(route_class=SafeRoute)
-StopStr = Annotated[str, StringConstraints(max_length=512)]
-Stop = StopStr | Annotated[list[StopStr], Field(max_length=4)] | None
+Stop = StopStr | Annotated[list[StopStr], Field(max_length=MAX_STOP_STRINGS)] | None
 
 
 class SamplingFields(StrictModel):
@@ -61,12 +61,7 @@ class SamplingFields(StrictModel):
     def bias(self, vocab: int) -> dict[int, float] | None:
         if not self.logit_bias:
             return None
-        out = {}
-        for k, v in self.logit_bias.items():
-            if not k.isdigit() or int(k) >= vocab:
-                raise APIError(400, f"logit_bias key {k[:20]!r} is not a token id in [0, {vocab})", param="logit_bias")
-            out[int(k)] = v
-        return out
+        return {parse_token_id(k, vocab, "logit_bias"): v for k, v in self.logit_bias.items()}
 
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
@@ -141,8 +136,10 @@ def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    """OpenAI's usage; `cached` prompt tokens came from the prefix cache (prompt_tokens_details.cached_tokens)."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _error_chunk(ev: Event) -> dict:
@@ -180,13 +177,17 @@ def _chat_messages(body: ChatRequest) -> list[dict]:
         if d["role"] == "developer":  # OpenAI's newer name for the system role
             d["role"] = "system"
         for call in d.get("tool_calls", []):
-            if isinstance(call["function"].get("arguments"), dict):
-                call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
+            args = call["function"].get("arguments")
+            if isinstance(args, str):  # OpenAI sends arguments as JSON in a string: untrusted, parsed with limits
+                call["function"]["arguments"] = parse_untrusted_json(args, "tool call arguments", param="messages",
+                                                                     code="invalid_value") if args.strip() else {}
         out.append(d)
     return out
 
 
 def _tools(body: ChatRequest) -> list | None:
+    if body.tool_choice is not None and not body.tools:  # as OpenAI answers it
+        raise APIError(400, "tool_choice is only allowed when tools are specified", param="tool_choice")
     if not body.tools or body.tool_choice == "none":
         return None
     if body.tool_choice not in (None, "auto"):
@@ -246,7 +247,7 @@ async def chat_completions(request: Request):
         choice = {"index": 0, "message": message, "finish_reason": finish,
                   "logprobs": _chat_logprobs(ctx, asm.events) if body.logprobs else None}
         return JSONResponse({**head, "object": "chat.completion", "choices": [choice],
-                             "usage": _usage(len(prompt), handle.n_generated)})
+                             "usage": _usage(len(prompt), handle.n_generated, handle.cached_tokens)})
 
     chunk_head = {**head, "object": "chat.completion.chunk"}
 
@@ -271,7 +272,8 @@ async def chat_completions(request: Request):
                 yield chunk({"tool_calls": [{"index": i, **c.to_openai()} for i, c in enumerate(calls)]})
             yield chunk({}, finish)
             if body.include_usage():
-                yield _sse({**chunk_head, "choices": [], "usage": _usage(len(prompt), handle.n_generated)})
+                usage = _usage(len(prompt), handle.n_generated, handle.cached_tokens)
+                yield _sse({**chunk_head, "choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
 
     return StreamResponse(stream(), [handle], "text/event-stream")
@@ -337,7 +339,8 @@ async def completions(request: Request):
     head = {"id": rid, "object": "text_completion", "created": created, "model": ctx.model_name,
             "system_fingerprint": "herd"}
     echoes = [ctx.tokenizer.decode(p) if body.echo else "" for p in prompts]
-    usage = lambda: _usage(sum(len(p) for p in prompts), sum(h.n_generated for h in handles))  # noqa: E731
+    usage = lambda: _usage(sum(len(p) for p in prompts), sum(h.n_generated for h in handles),  # noqa: E731
+                           sum(h.cached_tokens for h in handles))
 
     def finish_of(events: list[Event]) -> str:
         return events[-1].finish if events else "abort"

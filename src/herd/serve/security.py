@@ -9,6 +9,12 @@ checks pass:
 - API key: `Authorization: Bearer KEY` (or `x-api-key: KEY`) on every route except /health and the playground
   page itself (static, no data); compared as SHA-256 digests with hmac.compare_digest (constant time).
 - Caps: header count, and the body size (Content-Length up front; a chunked body is counted while it is read).
+
+`limited_h11` is the HTTP protocol under all of it (uvicorn's h11 protocol plus what uvicorn lacks): each request's
+head and then its body must arrive within `read_timeout` seconds (slowloris, a short body), and at most
+`max_connections` sockets are open; above that the longest-idle one (no request running) is closed to make room,
+and when every connection is busy the newcomer gets a 503 and is closed. So thousands of idle sockets neither
+exhaust file descriptors nor keep /health from answering. Keep-alive idling is uvicorn's timeout_keep_alive.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import json
 PUBLIC_PATHS = frozenset({"/health", "/", "/index.html", "/favicon.ico"})
 MAX_HEADERS = 100
 DEFAULT_MAX_BODY = 8 << 20  # 8 MiB: ~2M tokens of text, far above any context, far below memory trouble
+DEFAULT_MAX_CONNECTIONS = 512  # open sockets (a file descriptor each); above: the longest idle is closed, else 503
+DEFAULT_READ_TIMEOUT = 30.0  # seconds for a request's head, and again for its body (8 MiB at 2 Mbit/s fits)
+DEFAULT_KEEP_ALIVE = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's default)
 
 
 class BodyTooLarge(Exception):
@@ -37,8 +46,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_api_key(api_key: str | None) -> None:
+    """An API key must be printable ASCII without spaces: header values travel as latin-1 bytes, so any other key
+    (a non-latin-1 one above all) could never match what a client sends, and the server would refuse everyone."""
+    if api_key is not None and not (api_key and all("!" <= c <= "~" for c in api_key)):
+        raise ValueError("the API key must be printable ASCII without spaces (letters, digits, punctuation): HTTP "
+                         "headers cannot carry other characters, so no client could send it")
+
+
 def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
-    """Refuse a non-loopback bind without an API key unless --insecure was given explicitly."""
+    """Refuse a non-loopback bind without an API key unless --insecure was given explicitly, and a key that no
+    client could send."""
+    check_api_key(api_key)
     if not is_loopback(host) and not api_key and not insecure:
         raise ValueError(
             f"refusing to listen on {host} without an API key: anyone who can reach this address could use the "
@@ -73,6 +92,7 @@ class Guard:
     def __init__(self, app, *, api_key: str | None, loopback_bind: bool, max_body_bytes: int = DEFAULT_MAX_BODY,
                  allow_origins: tuple[str, ...] = ()):
         self.app = app
+        check_api_key(api_key or None)
         self.key = key_digest(api_key) if api_key else None
         self.loopback_bind = loopback_bind
         self.max_body_bytes = max_body_bytes
@@ -103,7 +123,7 @@ class Guard:
                                 "authentication_error", "invalid_api_key", extra=[(b"www-authenticate", b"Bearer")])
         length = h.get("content-length")
         if length is not None:
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit() and len(length) <= 20):  # (h11 checks it too)
                 return await _reply(send, scope, 400, "invalid Content-Length", "invalid_request_error",
                                     "invalid_header")
             if int(length) > self.max_body_bytes:
@@ -141,3 +161,114 @@ async def read_body(request, limit: int) -> bytes:
             raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# ---- connections: timeouts and a cap (the HTTP protocol under the app) --------------------------------------------
+
+
+class ConnectionLimits:
+    """Shared by one server's connections: the cap, the read timeout, the open connections (oldest first), and
+    counters of what was closed and why."""
+
+    def __init__(self, max_connections: int = DEFAULT_MAX_CONNECTIONS, read_timeout: float = DEFAULT_READ_TIMEOUT):
+        if max_connections < 1 or not read_timeout > 0:
+            raise ValueError("max_connections >= 1 and read_timeout > 0 are required")
+        self.max_connections, self.read_timeout = max_connections, read_timeout
+        self.open: dict = {}  # protocol -> None, in the order the connections were made
+        self.refused = self.evicted = self.timed_out = 0
+
+
+def _raw_response(status: int, reason: str, message: str, retry_after: str | None = None) -> bytes:
+    body = json.dumps(error_payload("/", message, "server_error" if status >= 500 else "invalid_request_error",
+                                    reason.lower().replace(" ", "_"))).encode()
+    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(body)}",
+            "connection: close"] + ([f"retry-after: {retry_after}"] if retry_after else [])
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+TOO_MANY = _raw_response(503, "Service Unavailable", "too many connections: every connection is busy; retry later",
+                         "1")
+REQUEST_TIMEOUT = _raw_response(408, "Request Timeout", "the request did not arrive in time")
+
+
+def limited_h11(limits: ConnectionLimits):
+    """uvicorn's H11Protocol with a read timeout per request head and body, and the connection cap (see the top)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class LimitedH11Protocol(H11Protocol):
+        _timer = _seen = _waiting = None
+        _refused = _got_bytes = False
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(limits.open) >= limits.max_connections:
+                idle = next((p for p in limits.open if p._idle()), None)
+                if idle is None:  # every connection is running a request: refuse this one politely
+                    limits.refused += 1
+                    self._refused = True
+                    transport.write(TOO_MANY)
+                    transport.close()
+                    return
+                limits.evicted += 1
+                limits.open.pop(idle, None)  # now, not when its connection_lost runs (after this burst, maybe)
+                idle._close()
+            limits.open[self] = None
+            self._await_head()
+
+        def connection_lost(self, exc) -> None:
+            limits.open.pop(self, None)
+            self._cancel()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            self._got_bytes = True
+            super().data_received(data)
+            self._progress()
+
+        def on_response_complete(self) -> None:
+            self._await_head()  # the next request's head (a pipelined one may be parsed right below)
+            super().on_response_complete()
+            self._progress()
+
+        def _idle(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _close(self) -> None:
+            self._cancel()
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def _cancel(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _await_head(self) -> None:
+            self._cancel()
+            self._waiting, self._seen, self._got_bytes = "head", self.cycle, False
+            self._timer = self.loop.call_later(limits.read_timeout, self._expire)
+
+        def _progress(self) -> None:
+            if self._waiting == "head" and self.cycle is not self._seen and self.cycle is not None:
+                self._cancel()  # a new request's head arrived; now its body has read_timeout seconds
+                self._waiting = "body"
+                self._timer = self.loop.call_later(limits.read_timeout, self._expire)
+            if self._waiting == "body" and not self.cycle.more_body:
+                self._cancel()
+                self._waiting = None
+
+        def _expire(self) -> None:
+            self._timer = None
+            if self.transport.is_closing():
+                return
+            limits.timed_out += 1
+            # a head that never started is an idle socket: closed silently; a partial head, or a body that stops
+            # coming before any response began, gets a 408 first
+            if (self._waiting == "head" and self._got_bytes) or (
+                    self._waiting == "body" and not self.cycle.response_started):
+                self.transport.write(REQUEST_TIMEOUT)
+            self.transport.close()
+
+    return LimitedH11Protocol

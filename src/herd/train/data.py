@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..config import parse_json
+
 IGNORE_INDEX = -100  # label value that contributes no loss (F.cross_entropy's ignore_index)
 MANIFEST_VERSION = 1
 DEFAULT_PATTERNS = ("*.txt", "*.md", "*.rst", "*.jsonl")
@@ -118,9 +120,9 @@ def _read_documents(path: Path, errors: str) -> list[str]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            obj = parse_json(line)
+        except ValueError as e:
+            raise DataError(f"{path}:{n}: invalid JSON ({e})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise DataError(f'{path}:{n}: expected an object with a "text" string')
         if obj["text"]:

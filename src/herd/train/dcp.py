@@ -47,7 +47,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..checkpoint import save_hf, save_meta
 from ..config import torch_dtype
-from ..tokenizer import resolve_tokenizer_path, write_tiktoken_bpe
+from ..loading import make_readable, save_tokenizer
+from ..tokenizer import write_tiktoken_bpe
 
 MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"
@@ -338,12 +339,12 @@ def export_weights(model, out_dir: str | os.PathLike, formats: list[str], dtype:
 
 
 def export_tokenizer(spec: str | None, folder: Path) -> None:
-    """Put the run's tokenizer (its data.tokenizer setting) beside the weights so `load_tokenizer(folder)` works;
-    the Llama 3 vocabulary (Llama Materials, found in the llama-models package) is never copied."""
-    if spec is None:
-        return
+    """Put the run's tokenizer (its data.tokenizer setting: a file, a checkpoint folder, a .gguf model, "bytes")
+    beside the weights so the exported model chats at once, and make the folder's files readable (0644 under
+    umask 022; safetensors writes 0600). The Llama 3 vocabulary (Llama Materials, found in the llama-models package)
+    is never copied: a folder without a tokenizer loads with it."""
     if spec == "bytes":
         write_tiktoken_bpe({bytes([b]): b for b in range(256)}, folder / "tokenizer.model")
-        return
-    src = resolve_tokenizer_path(spec)
-    shutil.copyfile(src, folder / ("tokenizer.json" if src.suffix == ".json" else "tokenizer.model"))
+    elif spec is not None:
+        save_tokenizer(spec, folder)
+    make_readable(folder)

@@ -5,7 +5,9 @@ puts these pieces together as FINETUNING:
 
 - `prepare_data`: records -> herd.train.sft (Llama 3.1 chat format, loss on assistant turns only, bad-data policy)
   -> `SFTDataset` rows, packed (several dialogs per row; the loss turns their positions into a block-diagonal
-  causal mask) or padded, in the same `Loader` as pretraining.
+  causal mask) or padded, in the same `Loader` as pretraining. Plain `.txt` files in data.paths train as text
+  (`text_samples`: the loss on every token, as in pretraining), so a chat stage can keep the model writing prose;
+  the held-out split is drawn from the dialogs.
 - `build_model`: full fine-tuning is the pretraining model; LoRA freezes the base (float, `finetune.base_dtype`)
   and wraps the target linears (herd.lora); QLoRA first quantizes every base linear to herd.quantize's int4/int8
   modules, reading the checkpoint one tensor at a time. Frozen base linears keep no weight copy for the backward
@@ -36,12 +38,31 @@ from ..model import Transformer
 from ..quantize import (Int4Linear, Int8Linear, QuantizeError, dequantize_int4, dequantize_int8, quantize_int4,
                         quantize_int8)
 from . import parallel, pretrain
-from .data import IGNORE_INDEX, DataError, Loader, document_mask, list_files, load_text_tokenizer
+from .data import IGNORE_INDEX, DataError, Loader, document_mask, list_files
 from .dcp import export_tokenizer
 from .settings import RunSettings, SettingsError, check_vocab, lora_config, model_args
 from .sft import SFTDataset, load_sft, split_samples
 
-SFT_PATTERNS = ("*.jsonl", "*.json")  # what a folder in data.paths contributes
+SFT_PATTERNS = ("*.jsonl", "*.json", "*.txt")  # what a folder in data.paths contributes (.txt: plain text)
+TEXT_SUFFIXES = (".txt",)
+
+
+def text_samples(files: list[Path], tok, seq_len: int) -> tuple[list[tuple[list[int], list[bool]]], int]:
+    """Plain-text files as (ids, mask) samples of at most seq_len + 1 ids with the loss on every token: each file is
+    <|begin_of_text|> ... <|end_of_text|> cut into consecutive windows (a window's first id is the previous one's
+    last, so every token after the first is a target once). Returns (samples, tokens)."""
+    samples, total = [], 0
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{f}: not UTF-8 at byte {e.start}") from None
+        ids = tok.encode(text, bos=True, eos=True)
+        total += len(ids) - 1
+        for at in range(0, len(ids) - 1, seq_len):
+            chunk = ids[at : at + seq_len + 1]
+            samples.append((chunk, [True] * len(chunk)))
+    return samples, total
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -54,29 +75,43 @@ def prepare_data(s: RunSettings, env: parallel.DistEnv, dp_rank: int, dp: int, s
     if f is None:
         raise SettingsError("fine-tuning needs a finetune section (herd.train.load_finetune_settings fills in the "
                             "defaults: LoRA)")
-    tok = load_text_tokenizer(s.data.tokenizer)
+    tok = pretrain.run_tokenizer(s.data.tokenizer)
     if not s.model.init_from:
         check_vocab(tok, model_args(s))
     chat = ChatFormat(tok)
 
     def read(paths, what):
         files = list_files(paths, SFT_PATTERNS)
-        samples, stats = load_sft(files, chat, s.data.seq_len, policy=f.bad_data, fmt=f.format)
-        say(f"{what}: {stats.summary()}")
-        return samples
+        texts = [p for p in files if p.suffix in TEXT_SUFFIXES]
+        records = [p for p in files if p.suffix not in TEXT_SUFFIXES]
+        samples = []
+        if records:
+            samples, stats = load_sft(records, chat, s.data.seq_len, policy=f.bad_data, fmt=f.format)
+            say(f"{what}: {stats.summary()}")
+        text = []
+        if texts:
+            text, n = text_samples(texts, tok, s.data.seq_len)
+            say(f"{what}: {len(texts)} text file(s), {n:,} tokens in {len(text)} windows (loss on every token)")
+        return samples, text
 
-    samples = read(s.data.paths, "data")
+    samples, text = read(s.data.paths, "data")
     if f.max_samples and len(samples) > f.max_samples:
         samples = samples[: f.max_samples]
         say(f"data: using the first {len(samples)} dialogs (finetune.max_samples)")
     if s.data.val_paths:
-        train_s, val_s = samples, read(s.data.val_paths, "held-out data")
-    else:
+        val_s, val_text = read(s.data.val_paths, "held-out data")
+        train_s, val_s = samples + text, val_s + val_text
+    elif samples:  # the held-out split is drawn from the dialogs; text windows all train
         train_s, val_s = split_samples(samples, s.data.val_fraction, s.seed)
+        train_s = train_s + text
+    else:
+        train_s, val_s = split_samples(text, s.data.val_fraction, s.seed)
     train_ds = SFTDataset(train_s, s.data.seq_len, tok.pad_id, f.packing)
     val_ds = SFTDataset(val_s, s.data.seq_len, tok.pad_id, f.packing)
-    say(f"data: {len(train_s)} training dialogs in {len(train_ds)} rows of {s.data.seq_len} ({f.packing}), "
+    say(f"data: {len(train_s)} training samples in {len(train_ds)} rows of {s.data.seq_len} ({f.packing}), "
         f"{len(val_s)} held out")
+    if len(train_ds) < s.train.micro_batch * dp:
+        raise pretrain.too_small(len(train_ds), f"{len(train_s)} training samples", s, dp, len(val_s))
     if (s.data.val_fraction or s.data.val_paths) and s.eval.sequences and len(val_ds) < dp:
         raise DataError(f"the held-out split has {len(val_ds)} rows, fewer than the {dp} data-parallel ranks: "
                         "raise data.val_fraction or add data")

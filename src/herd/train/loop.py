@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -131,16 +132,24 @@ def forward_backward(model, micro: list[Batch], scale: float, autocast, device, 
 @torch.no_grad()
 def evaluate(model, val_ds, s: RunSettings, device, dp_rank: int, dp: int, group, autocast,
              loss_fn: LossFn) -> float | None:
-    """Mean loss over the first eval.sequences held-out sequences: the same set whatever the number of ranks."""
+    """Mean loss over the first eval.sequences held-out sequences: the same set whatever the number of ranks.
+
+    Rank r takes sequences r, r + dp, ...; every rank runs the same number of forwards of the same shapes (FSDP's
+    collectives need it), so a rank short of one sequence runs a dummy: a copy of a held-out sequence with every
+    label ignored, whose loss and token count are zero."""
     n = min(s.eval.sequences, len(val_ds))
-    n -= n % dp  # every rank runs the same number of forwards (FSDP's collectives need it)
     if not (s.data.val_fraction or s.data.val_paths) or n == 0:
         return None
+    per_rank = -(-n // dp)
     mine = list(range(dp_rank, n, dp))
+    samples = [val_ds[j] for j in mine]
+    if len(samples) < per_rank:
+        inputs, labels, *rest = val_ds[0]
+        samples += [(inputs, np.full_like(labels, IGNORE_INDEX), *rest)] * (per_rank - len(samples))
     tot = torch.zeros(2, dtype=torch.float64, device=device)
     model.eval()
-    for i in range(0, len(mine), s.train.micro_batch):
-        b = collate([val_ds[j] for j in mine[i : i + s.train.micro_batch]])
+    for i in range(0, per_rank, s.train.micro_batch):
+        b = collate(samples[i : i + s.train.micro_batch])
         labels = b.labels.to(device)
         positions = None if b.positions is None else b.positions.to(device)
         with autocast:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import JSONError, parse_json
+
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, max_iters: int = 10,
                         budget_s: float = 0.25) -> float:
@@ -46,9 +48,31 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None 
 
 def _step_of(line: str) -> int | None:
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+        return int(parse_json(line)["step"])
+    except (ValueError, KeyError, TypeError):  # JSONError is a ValueError
         return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a kill at any instant leaves the old file or the new one, never an empty
+    or half-written one: a temp file in the same folder, fsync, os.replace, fsync of the folder."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a folder that cannot be opened (not on Linux)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Metrics:
@@ -61,7 +85,7 @@ class Metrics:
         if resume_step and self.path.exists():  # drop rows of steps after the checkpoint: they are redone
             keep = [ln for ln in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
                     if _step_of(ln) is not None and _step_of(ln) <= resume_step]  # a line cut by a kill is dropped
-            self.path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+            _write_atomic(self.path, "".join(ln + "\n" for ln in keep))
         elif not resume_step:
             self.path.unlink(missing_ok=True)
         if tensorboard:
@@ -102,9 +126,9 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                rows.append(parse_json(line))
+            except JSONError as e:
+                raise ValueError(f"{path}:{n}: {e.reason}") from None
     return rows
 
 

@@ -90,8 +90,8 @@ def tp_plan(n_layers: int) -> dict:
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
     }
     # Attention.forward(x, cos, sin, input_pos, mask, kv_len): only x is distributed.
-    attn_in = PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * 5,
-                                 desired_input_layouts=(Replicate(),) + (None,) * 5)
+    attn_in = PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * 6,  # x, then cos ... pages: left as they are
+                                 desired_input_layouts=(Replicate(),) + (None,) * 6)
     for i in range(n_layers):
         p = f"layers.{i}."
         plan |= {

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import sizing
 from ..config import ModelArgs
-from ..loading import load_model
+from ..loading import load_model, load_tokenizer
 from ..model import Transformer
 from . import dcp, parallel
 from .data import (IGNORE_INDEX, DataError, Loader, PackedDataset, document_mask, load_text_tokenizer,
@@ -23,11 +23,17 @@ from .data import (IGNORE_INDEX, DataError, Loader, PackedDataset, document_mask
 from .settings import RunSettings, check_vocab, model_args
 
 
+def run_tokenizer(spec: str | None):
+    """The tokenizer of data.tokenizer: "bytes", a tokenizer file or folder, a .gguf model's vocabulary, or None
+    (the Llama 3 vocabulary). With model.init_from, settings have already put the checkpoint's own there."""
+    return load_text_tokenizer(spec) if spec == "bytes" else load_tokenizer(spec)
+
+
 def prepare_data(s: RunSettings, env: parallel.DistEnv, dp_rank: int, dp: int, say
                  ) -> tuple[Loader, PackedDataset, object]:
     """(Loader over this rank's training windows, held-out PackedDataset, tokenizer). Rank 0 of each machine
     tokenizes (into the token cache); the other ranks wait, then find the cache."""
-    tok = load_text_tokenizer(s.data.tokenizer)
+    tok = run_tokenizer(s.data.tokenizer)
     if not s.model.init_from:  # before tokenizing anything (init_from models are checked once loaded)
         check_vocab(tok, model_args(s))
     cache = s.data.cache_dir or os.path.join(os.environ.get("HERD_CACHE", "~/.cache/herd"), "data")
@@ -56,8 +62,21 @@ def prepare_data(s: RunSettings, env: parallel.DistEnv, dp_rank: int, dp: int, s
     if (s.data.val_fraction or s.data.val_paths) and s.eval.sequences and len(val_ds) < dp:
         raise DataError(f"the held-out split has {len(val_ds)} sequences, fewer than the {dp} data-parallel ranks: "
                         "raise data.val_fraction or add data")
+    if len(train_ds) < s.train.micro_batch * dp:
+        raise too_small(len(train_ds), f"{len(tc.tokens):,} tokens", s, dp, 0 if s.data.val_paths else len(val_ds))
     loader = Loader(train_ds, s.train.micro_batch, rank=dp_rank, world=dp, seed=s.seed)
     return loader, val_ds, tok
+
+
+def too_small(rows: int, what: str, s: RunSettings, dp: int, n_val: int) -> DataError:
+    """The error for a training set that cannot fill one micro-batch, naming each setting that would make it fit."""
+    fit = max(1, rows // dp)
+    hints = [f"set train.batch_size={fit} train.micro_batch={fit}",
+             f"lower data.seq_len (now {s.data.seq_len}: more, shorter rows)"]
+    if n_val and not s.data.val_paths:
+        hints.append(f"set data.val_fraction=0 (now {s.data.val_fraction}, holding out {n_val})")
+    return DataError(f"{what} make {rows} training row(s) of {s.data.seq_len} tokens, too few for one micro-batch of "
+                     f"{s.train.micro_batch} x {dp} rank(s): " + ", ".join(hints) + ", or add data")
 
 
 def build_model(s: RunSettings, mesh, device: torch.device) -> Transformer:

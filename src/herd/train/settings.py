@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError, ModelArgs, dtype_name, get_config
+from ..loading import read_config, tokenizer_source
 from ..lora import LoRAConfig, LoRAError
 from ..quantize import GROUP_SIZES, QUANT_DTYPES
 from .data import DEFAULT_PATTERNS
@@ -88,6 +89,44 @@ def from_dict(d: dict | None, cls, prefix: str = ""):
     return cls(**{k: coerce(hints[k], v, prefix + k) for k, v in d.items()})
 
 
+MAX_YAML_DEPTH = 64  # herd's settings nest 3 levels
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases (`*name`) and with bounded nesting. An alias lets 1 KB of YAML stand for GBs
+    of data (billion laughs: each level refers to the one below ten times), which a deep copy or a walk over the
+    settings would build; settings never need one. PyYAML composes nodes recursively, so the depth is capped too."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed in herd "
+                                              "settings: write the value out", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml(text: str, where: str = "settings"):
+    """yaml.safe_load, refusing aliases and nesting deeper than MAX_YAML_DEPTH: SettingsError `where:line: why`."""
+    loader = _SettingsLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise SettingsError(f"{where}{line}: invalid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise SettingsError(f"{where}: invalid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
     """Set dotted `key=value` pairs (values parsed as YAML) into a nested settings dict."""
     d = json.loads(json.dumps(d))  # deep copy of plain data
@@ -96,7 +135,7 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
         if not eq or not key.strip():
             raise SettingsError(f"override {item!r} is not KEY=VALUE (e.g. optim.lr=1e-3)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml(raw, f"override {item!r}") if raw.strip() else None
         except yaml.YAMLError as e:
             raise SettingsError(f"override {item!r}: bad value ({e})") from None
         node, parts = d, key.strip().split(".")
@@ -113,16 +152,20 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
 
 @dataclass
 class ModelSettings:
-    name: str = "tiny"  # a herd config name (herd.config.CONFIGS), e.g. tiny, llama-3.2-1b
+    # a herd config name (herd.config.CONFIGS), e.g. tiny, llama-3.2-1b; null: tiny, or the init_from checkpoint's
+    name: str | None = None
     overrides: dict = field(default_factory=dict)  # ModelArgs fields to change in that config, e.g. {dim: 768}
-    init_from: str | None = None  # HF/Meta checkpoint to continue from instead of random weights (name ignored)
+    # HF/Meta/GGUF checkpoint to continue from instead of random weights: it defines the model (a model.name that
+    # names another shape is an error; the resolved settings record name: null) and, by default, the tokenizer
+    init_from: str | None = None
     init_std: float = 0.02  # std of the random initialisation (output projections scaled by depth)
 
 
 @dataclass
 class DataSettings:
     paths: list[str] = field(default_factory=list)  # text files and folders (folders: files matching `patterns`)
-    tokenizer: str | None = None  # null: the Llama 3 vocabulary; "bytes": 512 byte-level ids; or a file/folder
+    # null: model.init_from's own tokenizer, else the Llama 3 vocabulary; "bytes": 512 byte-level ids; or a file/folder
+    tokenizer: str | None = None
     seq_len: int = 512  # tokens per training sequence
     val_fraction: float = 0.01  # share of sequences held out for eval (spread evenly through the data)
     val_paths: list[str] = field(default_factory=list)  # held-out files/folders instead (then val_fraction is unused)
@@ -239,7 +282,7 @@ def load_settings(path: str | os.PathLike | None = None, overrides: list[str] = 
     raw: dict = {}
     if path is not None:
         try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            raw = load_yaml(Path(path).read_text(encoding="utf-8"), str(path)) or {}
         except yaml.YAMLError as e:
             raise SettingsError(f"{path}: invalid YAML ({e})") from None
         if not isinstance(raw, dict):
@@ -263,7 +306,7 @@ def load_finetune_settings(path: str | os.PathLike | None = None, overrides: lis
 
 def model_args(s: RunSettings) -> ModelArgs:
     """The ModelArgs of a run that starts from random weights: model.name's config with model.overrides."""
-    args = get_config(s.model.name)
+    args = get_config(s.model.name or "tiny")
     return args.replace(**s.model.overrides) if s.model.overrides else args
 
 
@@ -296,9 +339,41 @@ def _canonical_dtypes(s: RunSettings) -> None:
             pass  # the checks below name the key
 
 
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
+
+
+def resolve_init_from(s: RunSettings) -> None:
+    """What model.init_from decides, written into the settings so that settings.yaml says what the run used: the
+    model (a model.name of another shape is an error; the name is then recorded as null) and, when data.tokenizer
+    is null, the tokenizer (the checkpoint's own; the Llama 3 vocabulary only for checkpoints without one).
+    A checkpoint that does not exist yet is left to the run's own error."""
+    m = s.model
+    if not m.init_from:
+        m.name = m.name or "tiny"  # random weights: the named shape (tiny when none is given)
+        return
+    m.init_from = os.path.expanduser(m.init_from)
+    if not os.path.exists(m.init_from):
+        return
+    if m.name is not None:
+        try:
+            named, ckpt = get_config(m.name), read_config(m.init_from)
+        except (ConfigError, OSError, ValueError) as e:
+            raise SettingsError(f"model.name / model.init_from: {e}") from None
+        diff = [f"{k} {getattr(named, k)} vs {getattr(ckpt, k)}" for k in SHAPE_FIELDS
+                if getattr(named, k) != getattr(ckpt, k)]
+        _need(not diff, f"model.name {m.name} does not match model.init_from {m.init_from} ({', '.join(diff)}): the "
+              "checkpoint defines the model; drop model.name")
+        m.name = None
+    if s.data.tokenizer is None:
+        src = tokenizer_source(m.init_from)
+        s.data.tokenizer = None if src is None else str(src)
+
+
 def validate(s: RunSettings) -> None:
-    """Every section's checks (the finetune section's too, when there is one); SettingsError names the key."""
+    """Every section's checks (the finetune section's too, when there is one); SettingsError names the key.
+    model.init_from's model and tokenizer are resolved first (`resolve_init_from`)."""
     _canonical_dtypes(s)
+    resolve_init_from(s)
     t, o, data = s.train, s.optim, s.data
     _need(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     _need(t.batch_size > 0 and t.micro_batch > 0, "train.batch_size and train.micro_batch must be positive")

@@ -13,7 +13,6 @@ Bad data follows an explicit policy: "error" (default) stops at the first bad re
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from ..chat_format import ChatFormat, DialogError
+from ..config import JSONError, parse_json, read_json
 from .data import IGNORE_INDEX, DataError
 
 log = logging.getLogger("herd.train.sft")
@@ -48,10 +48,6 @@ class SFTStats:
                 f"{self.truncated} truncated, skipped: {skipped}")
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def read_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
     """(line number, parsed record) for a .jsonl file, or (index, item) for a .json file holding a list."""
     path = Path(path)
@@ -61,9 +57,9 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
         if path.stat().st_size > 1 << 30:
             raise DataError(f"{path}: a .json file over 1 GiB; use JSONL")
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise DataError(f"{path}: {e}") from None
+            data = read_json(path)  # nesting, number and strictness limits; errors say path:line
+        except JSONError as e:
+            raise DataError(str(e)) from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records")
         yield from enumerate(data, 1)
@@ -80,11 +76,12 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
             if not raw.strip():
                 continue
             try:
-                yield lineno, json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+                yield lineno, parse_json(raw.decode("utf-8"))  # a 100k-deep record is a DataError, not a crash
             except UnicodeDecodeError as e:
                 yield lineno, DataError(f"invalid UTF-8 at byte {e.start}")
-            except ValueError as e:
-                yield lineno, DataError(f"invalid JSON ({e})")
+            except JSONError as e:
+                why = e.reason if e.reason.startswith(("invalid JSON", "too deeply")) else f"invalid JSON ({e.reason})"
+                yield lineno, DataError(why)
 
 
 def record_to_messages(rec: object, fmt: str = "auto") -> tuple[list[dict], list | None]:
