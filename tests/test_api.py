@@ -127,6 +127,23 @@ def test_cli_generate_ids_and_stats(tiny_ckpt, llm, capsys):
     assert text.rstrip("\n") == llm.generate("Hello", max_new_tokens=12, temperature=0).text.rstrip("\n")
 
 
+def test_cli_generate_compile_warms_up_before_the_prompt(tiny_ckpt, llm, capsys, monkeypatch):
+    """--compile compiles the decode step before generating (so --stats counts steady decoding, not the compile),
+    and gives the eager ids."""
+    from herd.engine import Engine
+
+    order = []
+    warmup, step = Engine.warmup, Engine.step
+    monkeypatch.setattr(Engine, "warmup", lambda self, b: order.append("warmup") or warmup(self, b))
+    monkeypatch.setattr(Engine, "step", lambda self: order.append("step") or step(self))
+    argv = ["generate", "--model", str(tiny_ckpt), "--prompt", "Hello", "--max-new-tokens", "6", "--temperature", "0",
+            "--dtype", "fp32", "--ids", "--compile"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out.strip()) == llm.generate("Hello", max_new_tokens=6, temperature=0).token_ids
+    assert "compiling the decode step" in out.err and order[0] == "warmup" and "step" in order
+
+
 def test_cli_generate_chat(tiny_ckpt, capsys):
     assert main(["generate", "--model", str(tiny_ckpt), "--prompt", "hi", "--chat", "--system", "s", "--max-new-tokens",
                  "5", "--seed", "1", "--ids"]) == 0

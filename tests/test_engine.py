@@ -275,7 +275,9 @@ def test_compiled_decode_matches_eager_across_batch_buckets(device):
     prompts = [[9, 8, 7, 6], [1, 2], [3]]
     eager = run(make_engine(model), prompts, max_tokens=12)
     engine = make_engine(model, compile=True, max_batch=4)
-    assert engine.warmup_buckets() == ([1, 2, 4] if device == "cuda" else [1, 2])
+    assert engine.warmup_buckets() == [1, 2, 4] if device == "cuda" else [1, 2]
+    assert make_engine(model, compile=True, max_batch=64).warmup_buckets() == (
+        [1, 2, 4, 8, 16, 32, 64] if device == "cuda" else [1, 2, 5, 17])
     assert run(engine, prompts[:1], max_tokens=12) == eager[:1]
     assert run(engine, prompts, max_tokens=12) == eager  # CUDA: 3 rows in the bucket of 4 (one padding row)
     assert run(engine, prompts[:2], max_tokens=12) == eager[:2]

@@ -87,8 +87,14 @@ def load_llm(args):
 
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise ValueError(f"--max-seq-len must be positive, got {args.max_seq_len}")
-    return load(resolve(args.model), device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                max_seq_len=args.max_seq_len, compile=args.compile)
+    llm = load(resolve(args.model), device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+               max_seq_len=args.max_seq_len, compile=args.compile)
+    if args.compile:  # before the prompt: the first reply (and --stats) must not wait for, or count, the compile
+        t0 = time.perf_counter()
+        print("compiling the decode step (once per process) ...", file=sys.stderr, flush=True)
+        llm.engine.warmup(1)
+        print(f"compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return llm
 
 
 # ---- herd generate ------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 
 from . import kv_cache
 from .generate import CudaGraphStep, StopStrings, compile_step
+from .kernels import BF16_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS
 from .kv_cache import SCRATCH, BlockPool, block_hashes
 from .sampling import GenerationError, SamplingParams, apply_penalties, chosen_logprobs, sample
 from .tokenizer import IncrementalDecoder
@@ -390,18 +391,22 @@ class Engine:
         return next((b for b in BATCH_BUCKETS if b >= n), n)
 
     def warmup_buckets(self) -> list[int]:
-        """Batch sizes that cover every graph the compiled decode step needs up to max_batch (CPU: 1 and the
-        dynamic one; CUDA: each bucket)."""
+        """Batch sizes that cover every graph the compiled decode step needs up to max_batch. CPU: batch 1, then a
+        dynamic graph for each range in which herd's kernels decide the same way (bf16 linears up to 4 rows, int8
+        and int4 up to 16: kernels.BF16_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS), so serving never stops to compile; a
+        range that needs no graph of its own costs a call, not a compile. CUDA: each bucket."""
         if not self._buckets:
-            return [1, 2][: min(2, self.max_batch)]
+            firsts = (1, 2, BF16_KERNEL_MAX_ROWS + 1, KERNEL_MAX_ROWS + 1)
+            return [b for b in firsts if b <= self.max_batch]
         top = self._bucket(self.max_batch)
         return [b for b in BATCH_BUCKETS if b <= top] or [top]
 
     @torch.inference_mode()
     def warmup(self, batch: int) -> None:
         """Run (and so compile) the decode step once for `batch` padding rows: length 0, writes to scratch."""
-        z = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        self._decode(self.model, z, z, self._table([], batch).to(self.device),
+        tokens, pos = (torch.zeros(batch, 1, dtype=torch.long, device=self.device) for _ in range(2))  # not one
+        # tensor twice: dynamo guards on aliasing, and the real steps pass two
+        self._decode(self.model, tokens, pos, self._table([], batch).to(self.device),
                      torch.zeros(batch, dtype=torch.int32, device=self.device))
 
     def _decode_step(self, out: list) -> None:

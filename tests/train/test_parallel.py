@@ -118,6 +118,7 @@ def _eval_worker(rank: int, world: int, tmp: str, sequences: int, micro_batch: i
         parallel.apply_fsdp(model, mesh)  # FSDP: every rank must run the same number of forwards, or it hangs
         got = evaluate(model, val, s, torch.device("cpu"), rank, world, mesh.get_group(), nullcontext(), loss_fn)
         (Path(tmp) / f"loss{rank}").write_text(repr(got))
+        dist.barrier()  # no rank tears gloo down while the other still has collectives (or FSDP's hooks) in flight
     finally:
         dist.destroy_process_group()
 
