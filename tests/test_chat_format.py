@@ -379,3 +379,15 @@ def test_cli_chat_template_bad_input(capsys, tmp_path, content, match):
     assert cli.main(["chat-template", "--messages", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("herd chat-template: error:") and re.search(match, err)
+
+
+def test_deeply_nested_or_huge_json_in_tool_calls_is_no_call_and_no_crash():
+    """Model output and client-sent arguments are untrusted JSON: nesting deeper than Python recurses, or a
+    5,000-digit number, is no tool call (model output) or a DialogError (a client's message), never a traceback."""
+    deep = "[" * 100_000 + "]" * 100_000
+    for text in ('{"name": "f", "parameters": {"a": ' + deep + "}}", "<function=f>{\"a\": " + deep + "}</function>",
+                 '{"name": "f", "parameters": {"a": ' + "9" * 5000 + "}}"):
+        call, rest = parse_tool_call(text)
+        assert call is None and rest
+    with pytest.raises(DialogError, match="arguments are not valid JSON"):
+        ToolCall.from_dict({"function": {"name": "f", "arguments": '{"a": ' + deep + "}"}}, "messages[0]")

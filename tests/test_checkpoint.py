@@ -418,3 +418,11 @@ def test_deeply_nested_index_is_a_located_error(hf_dir):
     path.write_text('{"weight_map": {"model.norm.weight": ' + "1" * 5000 + "}}")
     with pytest.raises(ck.CheckpointError, match="digits"):
         load_model(hf_dir)
+
+
+def test_written_files_are_world_readable(tmp_path):
+    """safetensors writes 0600; every folder herd writes ends 0644 / 0755, like config.json (umask aside)."""
+    model = random_model()
+    for out, save in ((tmp_path / "hf", ck.save_hf), (tmp_path / "meta", ck.save_meta)):
+        save(model, None, out)
+        assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {0o644} and out.stat().st_mode & 0o777 == 0o755

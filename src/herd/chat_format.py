@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import parse_json
 from .tokenizer import Tokenizer
 
 BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
@@ -56,8 +57,8 @@ class ToolCall:
             name, args, call_id = d.get("tool_name"), d.get("arguments", {}), d.get("call_id")
         if isinstance(args, str):  # OpenAI sends arguments as a JSON string
             try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError as e:
+                args = parse_json(args) if args.strip() else {}
+            except ValueError as e:  # bounded: depth, digits (config.parse_json)
                 raise DialogError(f"{where}: arguments are not valid JSON ({e})") from None
         if not isinstance(name, str) or not name:
             raise DialogError(f"{where}: missing tool name")
@@ -370,7 +371,7 @@ def parse_tool_call(text: str, python_tag: bool = False) -> tuple[ToolCall | Non
     if m:
         try:
             args, end = json.JSONDecoder().raw_decode(text, m.end())
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # model output: invalid, or nested deeper than Python recurses
             args, end = None, m.end()
         if isinstance(args, dict):
             if text.startswith("</function>", end):
@@ -380,8 +381,8 @@ def parse_tool_call(text: str, python_tag: bool = False) -> tuple[ToolCall | Non
     body = text.strip()
     if body.startswith("{"):
         try:
-            obj = json.loads(body)
-        except json.JSONDecodeError:
+            obj = parse_json(body)
+        except ValueError:  # invalid, or over config.parse_json's depth / digit limits
             obj = None
         if isinstance(obj, dict) and isinstance(obj.get("name"), str):
             args = obj.get("parameters", obj.get("arguments"))

@@ -361,6 +361,9 @@ class AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        for f in self.tmp.rglob("*"):  # 0644 / 0755 like config.json, whatever mode a writer used (safetensors: 0600)
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        self.tmp.chmod(0o755)
         if self.final.exists():
             shutil.rmtree(self.final)
         os.replace(self.tmp, self.final)
