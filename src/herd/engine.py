@@ -229,6 +229,14 @@ class Engine:
 
     def add(self, req: GenRequest, tag=None) -> Sequence:
         """Queue a request (checked here: bad input raises, nothing is queued)."""
+        self.check(req)
+        self._ids += 1
+        seq = Sequence(req, self.tokenizer, self.vocab, self.device, self._ids, tag)
+        self.waiting.append(seq)
+        return seq
+
+    def check(self, req: GenRequest) -> None:
+        """GenerationError (ContextLengthError for the length policy) if the engine would refuse `req`."""
         if not req.prompt:
             raise GenerationError("empty prompt")
         if min(req.prompt) < 0 or max(req.prompt) >= self.vocab:
@@ -238,10 +246,6 @@ class Engine:
         if not 0 <= req.top_logprobs <= 20:
             raise GenerationError(f"top_logprobs must be in 0..20, got {req.top_logprobs}")
         self.check_length(len(req.prompt), req.max_tokens)
-        self._ids += 1
-        seq = Sequence(req, self.tokenizer, self.vocab, self.device, self._ids, tag)
-        self.waiting.append(seq)
-        return seq
 
     def abort(self, seq: Sequence) -> None:
         """Stop a sequence now (waiting or running); its blocks go back to the pool."""
@@ -327,10 +331,9 @@ class Engine:
         for seq in self.running:
             if budget <= 0:
                 break
-            a, end = seq.computed, len(seq.tokens)
-            if seq.n_out > 0 and a == end - 1:
-                continue  # prefilled: decodes
-            b = min(end, a + budget)
+            if seq.prefilled:
+                continue  # it decodes
+            a, b = seq.computed, min(len(seq.tokens), seq.computed + budget)
             plan.append((seq, a, b))
             budget -= b - a
         if not plan:

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import torch
 
-from ..engine import ContextLengthError, Engine, Event, GenRequest
+from ..engine import Engine, Event, GenRequest
 
 
 class QueueFullError(RuntimeError):
@@ -143,11 +143,7 @@ class BatchEngine:
 
     def submit(self, req: GenRequest, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
         """Queue a request. Raises QueueFullError, EngineClosedError or ContextLengthError (nothing is queued)."""
-        if not req.prompt:
-            raise ValueError("empty prompt")
-        if min(req.prompt) < 0 or max(req.prompt) >= self.vocab:
-            raise ValueError(f"prompt has a token id outside the vocabulary [0, {self.vocab})")
-        self.check_length(len(req.prompt), req.max_tokens)
+        self.core.check(req)  # the engine's own checks, in the caller's thread: a bad request is never queued
         handle = Handle(req, loop)
         handle._engine = self
         with self._cond:
@@ -258,7 +254,7 @@ class BatchEngine:
                 continue
             try:
                 h.seq = self.core.add(h.req, tag=h)
-            except (ValueError, ContextLengthError) as e:
+            except ValueError as e:  # GenerationError; check() already ran at submit
                 out.append((h, Event(finish="error", error=str(e), error_code="engine_error")))
                 continue
             self._handles[h.seq.id] = h
